@@ -1,0 +1,44 @@
+"""Errors raised by smdist's own stages.
+
+Each carries a stable ``category`` (the first word of ``/opt/ml/output/failure``)
+and the exit code the agent leaves with, so a failure is data, not a log line.
+"""
+
+from __future__ import annotations
+
+
+class SmdistError(Exception):
+    """Base of every error smdist raises itself (never a user's error)."""
+
+    category = "SmdistError"
+    exit_code = 1
+
+    def headline(self) -> str:
+        """One line for the log and the first line of the failure file."""
+        return f"{self.category}: {self}"
+
+
+class ConfigError(SmdistError):
+    """A file under /opt/ml/input/config, a flag or a variable is malformed."""
+
+    category = "ConfigError"
+    exit_code = 2
+
+
+class EntryPointNotFound(SmdistError):
+    """The training script or program to run does not exist."""
+
+    category = "EntryPointNotFound"
+    exit_code = 2
+
+
+class HostResolutionFailed(SmdistError):
+    """A host of the job never resolved before the deadline."""
+
+    category = "HostResolutionFailed"
+
+
+class RendezvousFailed(SmdistError):
+    """The agents could not meet: port in use, master unreachable, a host never joined."""
+
+    category = "RendezvousFailed"
