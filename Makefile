@@ -1,0 +1,41 @@
+# The two commands of the README: `make demo` and `make test`. Everything else they need
+# is installed here, into .venv, on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Pinned: on the build machines this is a local CPU wheel; unpinned torch pulls GBs of CUDA.
+TORCH  := torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit compose bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/smdist-run --simulate 2x2 --work-dir .smdist-work/demo examples/train_ddp.py --epochs 3
+
+lint: $(STAMP)
+	$(BIN)/ruff check smdist tests bench compose launchers examples
+	$(BIN)/ruff format --check smdist tests bench compose launchers examples
+
+typecheck: $(STAMP)
+	$(BIN)/mypy smdist
+
+unit: $(STAMP)
+	$(BIN)/pytest -q -m 'not compose' tests
+
+compose: $(STAMP)
+	$(BIN)/pytest -q -m compose tests
+
+test: lint typecheck $(STAMP)
+	$(BIN)/pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) .smdist-work .mypy_cache .ruff_cache .pytest_cache
