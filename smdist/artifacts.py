@@ -1,0 +1,578 @@
+"""Rank-aware writes to /opt/ml/model and the checkpoint dir, and the model dir clash check.
+
+SageMaker tars every host's /opt/ml/model into one ``model.tar.gz``; two hosts writing the
+same relative path means one file silently wins. Three scopes decide who writes where:
+
+- ``"leader"``: global rank 0 only, at the top of the dir; every other rank gets a no-op;
+- ``"host"``: local rank 0 of each host, under ``<host>/``;
+- ``"rank"``: every rank, under ``rank-<N>/``.
+
+Every write is atomic (a temporary file in the same directory, fsync, rename, fsync of the
+directory), so neither a reader nor the tarball ever sees half a file. Importing this module
+never imports torch; ``save`` does, lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, Literal
+
+from smdist.config import load_resource_config, resolve_root
+from smdist.errors import SmdistError
+
+Scope = Literal["leader", "host", "rank"]
+SCOPES: tuple[str, ...] = ("leader", "host", "rank")
+
+MODEL_DIR_ENV = "SM_MODEL_DIR"
+CHECKPOINT_DIR_ENV = "SMDIST_CHECKPOINT_DIR"
+TEMP_SUFFIX = ".smdist-tmp"
+_HASH_CHUNK = 1 << 20
+_STEP_RE = re.compile(r"^(?P<stem>.+)\.step-(?P<step>\d+)(?P<suffix>\.[^.]*)?$")
+_WRITE_MODES = ("w", "wb", "wt", "x", "xb", "xt")
+
+
+class ArtifactError(SmdistError, ValueError):
+    """A bad name, scope, mode or rank variable given to the artifact API."""
+
+    category = "ArtifactError"
+    exit_code = 2
+
+
+class ModelDirClash(SmdistError):
+    """Two hosts hold the same path in /opt/ml/model with different content."""
+
+    category = "ModelDirClash"
+
+    def __init__(self, clashes: list[Clash]) -> None:
+        self.clashes = list(clashes)
+        shown = "; ".join(str(c) for c in self.clashes[:5])
+        more = f"; and {len(self.clashes) - 5} more" if len(self.clashes) > 5 else ""
+        super().__init__(
+            f"{len(self.clashes)} path(s) in the model dir differ between hosts and would "
+            f"overwrite each other in model.tar.gz: {shown}{more} "
+            '(write with smdist.save(..., scope="leader") or scope="host")'
+        )
+
+
+# -- who am I ------------------------------------------------------------------------------
+
+
+def _int_var(env: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, int] | None:
+    for name in names:
+        raw = env.get(name)
+        if raw is None or raw == "":
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ArtifactError(
+                f"environment variable {name}: expected a non-negative integer, got {raw!r}"
+            ) from None
+        if value < 0:
+            raise ArtifactError(
+                f"environment variable {name}: expected a non-negative integer, got {raw!r}"
+            )
+        return name, value
+    return None
+
+
+_RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+_LOCAL_RANK_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """Who this process is, as the agent (or torchrun, or mpirun) told it through env vars."""
+
+    rank: int
+    local_rank: int | None
+    """None when a rank is set but no local rank: nobody can tell who writes for the host."""
+    host: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerIdentity:
+        env = os.environ if environ is None else environ
+        rank = _int_var(env, _RANK_VARS)
+        local = _int_var(env, _LOCAL_RANK_VARS)
+        if local is not None:
+            local_rank: int | None = local[1]
+        else:
+            # A plain `python train.py` is the only process: rank 0 and local rank 0.
+            local_rank = 0 if rank is None else None
+        host = (
+            env.get("SM_CURRENT_HOST")
+            or load_resource_config(resolve_root(environ=env).resource_config_file).current_host
+        )
+        return cls(rank=0 if rank is None else rank[1], local_rank=local_rank, host=host)
+
+    def __repr__(self) -> str:
+        return f"WorkerIdentity(host={self.host}, rank={self.rank}, local_rank={self.local_rank})"
+
+
+# -- names and scopes ----------------------------------------------------------------------
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in SCOPES:
+        raise ArtifactError(f"scope {scope!r}: expected one of {', '.join(SCOPES)}")
+
+
+def _check_name(name: str, what: str) -> PurePosixPath:
+    if not isinstance(name, str) or not name.strip():
+        raise ArtifactError(f"{what} name {name!r}: expected a relative file name like 'model.pt'")
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts or name.endswith("/") or "\\" in name:
+        raise ArtifactError(
+            f"{what} name {name!r}: expected a relative path inside the {what} dir "
+            "(no leading '/', no '..')"
+        )
+    if rel.name.endswith(TEMP_SUFFIX):
+        raise ArtifactError(f"{what} name {name!r}: names ending in {TEMP_SUFFIX} are reserved")
+    return rel
+
+
+def _check_host(host: str) -> str:
+    if not host or "/" in host or host in (".", ".."):
+        raise ArtifactError(f"host name {host!r}: cannot be used as a directory name")
+    return host
+
+
+# -- atomic writes -------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def is_temp_file(path: Path) -> bool:
+    """Whether ``path`` is the temporary file of an atomic write (in flight or abandoned)."""
+    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
+
+
+@contextlib.contextmanager
+def atomic_open(target: Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Open ``target`` for writing; it appears, complete, only when the block exits cleanly."""
+    if mode not in _WRITE_MODES:
+        raise ArtifactError(
+            f"mode {mode!r} for {target}: expected one of {', '.join(_WRITE_MODES)}"
+        )
+    if mode.startswith("x") and target.exists():
+        raise FileExistsError(f"{target} exists (mode {mode!r})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(target)
+    # O_EXCL: never share a temp file; 0o666 so the umask decides, as for a plain open().
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    binary = "b" in mode
+    try:
+        f: IO[Any] = (
+            os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding=encoding or "utf-8")
+        )
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        with f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+@contextlib.contextmanager
+def _discard(mode: str) -> Iterator[IO[Any]]:
+    # A non-writer still runs the user's writing code (so ranks stay in step), into /dev/null.
+    if mode not in _WRITE_MODES:
+        raise ArtifactError(f"mode {mode!r}: expected one of {', '.join(_WRITE_MODES)}")
+    with open(os.devnull, mode.replace("x", "w")) as f:
+        yield f
+
+
+def remove_temp_files(directory: Path) -> list[Path]:
+    """Delete the temp files of writes that never finished (a killed writer).
+
+    Call only when no worker is writing: the agent does, after its workers exit.
+    """
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for dirpath, _dirnames, filenames in os.walk(directory):
+        for fname in filenames:
+            p = Path(dirpath, fname)
+            if is_temp_file(p):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+# -- the API -------------------------------------------------------------------------------
+
+
+def step_name(name: str, step: int) -> str:
+    """``checkpoint.pt`` at step 300 -> ``checkpoint.step-000000300.pt`` (sorts in ``ls``)."""
+    rel = PurePosixPath(name)
+    return str(rel.with_name(f"{rel.stem}.step-{step:09d}{rel.suffix}"))
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """Where this worker writes model files and checkpoints; the module functions use one."""
+
+    model_dir: Path
+    checkpoint_dir: Path
+    worker: WorkerIdentity
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Artifacts:
+        env = os.environ if environ is None else environ
+        paths = resolve_root(environ=env)
+        model_dir = Path(env.get(MODEL_DIR_ENV) or paths.model_dir)
+        checkpoint_dir = Path(env.get(CHECKPOINT_DIR_ENV) or paths.checkpoints_dir)
+        return cls(model_dir, checkpoint_dir, WorkerIdentity.from_env(env))
+
+    # scope -> directory
+
+    def _writes(self, scope: str) -> bool:
+        _check_scope(scope)
+        if scope == "leader":
+            return self.worker.rank == 0
+        if scope == "host":
+            if self.worker.local_rank is None:
+                raise ArtifactError(
+                    f'scope "host": RANK is {self.worker.rank} but LOCAL_RANK is not set, so '
+                    "no process can tell whether it writes for this host"
+                )
+            return self.worker.local_rank == 0
+        return True
+
+    def scope_dir(self, base: Path, scope: str) -> Path:
+        """The directory a scope reads and writes in (every rank may read any scope)."""
+        _check_scope(scope)
+        if scope == "host":
+            return base / _check_host(self.worker.host)
+        if scope == "rank":
+            return base / f"rank-{self.worker.rank}"
+        return base
+
+    def _target(self, base: Path, name: str, scope: str, what: str) -> Path | None:
+        rel = _check_name(name, what)
+        if not self._writes(scope):
+            return None
+        target = self.scope_dir(base, scope) / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    @contextlib.contextmanager
+    def _open(
+        self, base: Path, name: str, mode: str, scope: str, what: str, encoding: str | None
+    ) -> Iterator[IO[Any]]:
+        target = self._target(base, name, scope, what)
+        if target is None:
+            with _discard(mode) as f:
+                yield f
+        else:
+            with atomic_open(target, mode, encoding) as f:
+                yield f
+
+    def _save(self, obj: Any, base: Path, name: str, scope: str, what: str) -> Path | None:
+        import torch  # lazily: the agent imports this module and must start fast
+
+        target = self._target(base, name, scope, what)
+        if target is None:
+            return None
+        with atomic_open(target, "wb") as f:
+            torch.save(obj, f)
+        return target
+
+    # model dir
+
+    def model_path(self, name: str, scope: str = "leader") -> Path | None:
+        """The path this rank writes ``name`` to (parent created), or None if it does not."""
+        return self._target(self.model_dir, name, scope, "model")
+
+    def open_model_file(
+        self, name: str, mode: str = "wb", scope: str = "leader", encoding: str | None = None
+    ) -> contextlib.AbstractContextManager[IO[Any]]:
+        """Open ``name`` for an atomic write; non-writers get a writer that discards."""
+        return self._open(self.model_dir, name, mode, scope, "model", encoding)
+
+    def save(self, obj: Any, name: str, scope: str = "leader") -> Path | None:
+        """``torch.save`` ``obj`` atomically into the model dir; None where this rank does not."""
+        return self._save(obj, self.model_dir, name, scope, "model")
+
+    # checkpoints
+
+    def checkpoint_path(
+        self, name: str, scope: str = "leader", step: int | None = None
+    ) -> Path | None:
+        return self._target(self.checkpoint_dir, _stepped(name, step), scope, "checkpoint")
+
+    def open_checkpoint_file(
+        self,
+        name: str,
+        mode: str = "wb",
+        scope: str = "leader",
+        step: int | None = None,
+        encoding: str | None = None,
+    ) -> contextlib.AbstractContextManager[IO[Any]]:
+        return self._open(
+            self.checkpoint_dir, _stepped(name, step), mode, scope, "checkpoint", encoding
+        )
+
+    def save_checkpoint(
+        self,
+        obj: Any,
+        name: str = "checkpoint.pt",
+        step: int | None = None,
+        scope: str = "leader",
+        keep: int | None = None,
+    ) -> Path | None:
+        """``torch.save`` a checkpoint; with ``keep``, older steps of ``name`` are deleted."""
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise ArtifactError(f"keep={keep!r}: expected a positive integer or None")
+        path = self._save(obj, self.checkpoint_dir, _stepped(name, step), scope, "checkpoint")
+        if path is not None and keep is not None and step is not None:
+            stepped = _stepped_files(path.parent, PurePosixPath(name).name)
+            for _step, old in sorted(stepped, reverse=True)[keep:]:
+                old.unlink(missing_ok=True)
+        return path
+
+    def latest_checkpoint(self, name: str | None = None, scope: str = "leader") -> Path | None:
+        """The checkpoint to resume from: the highest step (of ``name``, or of any name).
+
+        Every rank may call it for any scope: it reads the directory of the scope as seen
+        by this rank. A file saved without a step counts as older than any step.
+        """
+        base = self.scope_dir(self.checkpoint_dir, scope)
+        if name is not None:
+            rel = _check_name(name, "checkpoint")
+            directory = base / rel.parent
+            found = _stepped_files(directory, rel.name)
+            if found:
+                return max(found)[1]
+            plain = directory / rel.name
+            return plain if plain.is_file() else None
+        found = _stepped_files(base, None)
+        if not found:
+            return None
+        top = max(step for step, _ in found)
+        at_top = sorted(p for step, p in found if step == top)
+        if len(at_top) > 1:
+            names = ", ".join(p.name for p in at_top)
+            raise ArtifactError(
+                f"{base}: several checkpoints at step {top} ({names}); "
+                "pass name= to latest_checkpoint"
+            )
+        return at_top[0]
+
+
+def _stepped(name: str, step: int | None) -> str:
+    if step is None:
+        return name
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ArtifactError(f"checkpoint {name!r}: step={step!r}: expected an integer >= 0")
+    _check_name(name, "checkpoint")
+    return step_name(name, step)
+
+
+def _stepped_files(directory: Path, name: str | None) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoint files in ``directory``, of ``name`` only if given."""
+    if not directory.is_dir():
+        return []
+    want = PurePosixPath(name) if name is not None else None
+    found: list[tuple[int, Path]] = []
+    for p in directory.iterdir():
+        if is_temp_file(p) or not p.is_file():
+            continue
+        m = _STEP_RE.match(p.name)
+        if m is None:
+            continue
+        if want is not None and (m["stem"], m["suffix"] or "") != (want.stem, want.suffix):
+            continue
+        found.append((int(m["step"]), p))
+    return found
+
+
+# module-level API for plain scripts: the environment decides, read on each call (cheap)
+
+
+def model_path(name: str, scope: str = "leader") -> Path | None:
+    """Where this rank writes ``name`` in the model dir, or None when it does not write."""
+    return Artifacts.from_env().model_path(name, scope)
+
+
+def open_model_file(
+    name: str, mode: str = "wb", scope: str = "leader", encoding: str | None = None
+) -> contextlib.AbstractContextManager[IO[Any]]:
+    """``with open_model_file("vocab.json", "w") as f:``: atomic; a no-op on non-writers."""
+    return Artifacts.from_env().open_model_file(name, mode, scope, encoding)
+
+
+def save(obj: Any, name: str, scope: str = "leader") -> Path | None:
+    """``torch.save(obj)`` into the model dir, atomically, by the ranks of ``scope``."""
+    return Artifacts.from_env().save(obj, name, scope)
+
+
+def checkpoint_path(name: str, scope: str = "leader", step: int | None = None) -> Path | None:
+    return Artifacts.from_env().checkpoint_path(name, scope, step)
+
+
+def open_checkpoint_file(
+    name: str,
+    mode: str = "wb",
+    scope: str = "leader",
+    step: int | None = None,
+    encoding: str | None = None,
+) -> contextlib.AbstractContextManager[IO[Any]]:
+    return Artifacts.from_env().open_checkpoint_file(name, mode, scope, step, encoding)
+
+
+def save_checkpoint(
+    obj: Any,
+    name: str = "checkpoint.pt",
+    step: int | None = None,
+    scope: str = "leader",
+    keep: int | None = None,
+) -> Path | None:
+    return Artifacts.from_env().save_checkpoint(obj, name, step, scope, keep)
+
+
+def latest_checkpoint(name: str | None = None, scope: str = "leader") -> Path | None:
+    return Artifacts.from_env().latest_checkpoint(name, scope)
+
+
+# -- the clash check at the exit barrier ---------------------------------------------------
+
+Inventory = dict[str, tuple[int, str]]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def inventory(model_dir: Path) -> Inventory:
+    """Relative path -> (size, sha256) of every regular file under ``model_dir``.
+
+    Temp files of atomic writes are skipped; symlinks to files count as the file
+    (tar follows them the same way as a reader would); symlinked dirs are not entered.
+    """
+    result: Inventory = {}
+    if not model_dir.is_dir():
+        return result
+    for dirpath, _dirnames, filenames in os.walk(model_dir):
+        for fname in filenames:
+            p = Path(dirpath, fname)
+            if is_temp_file(p):
+                continue
+            try:
+                if not p.is_file():
+                    continue
+                size = p.stat().st_size
+                digest = _sha256(p)
+            except FileNotFoundError:  # renamed or removed while we walked
+                continue
+            result[p.relative_to(model_dir).as_posix()] = (size, digest)
+    return result
+
+
+def encode_inventory(inv: Mapping[str, tuple[int, str]]) -> bytes:
+    """The inventory as the bytes an agent puts into the rendezvous store."""
+    return json.dumps({k: [size, digest] for k, (size, digest) in inv.items()}).encode()
+
+
+def decode_inventory(data: bytes, host: str) -> Inventory:
+    """The inverse of :func:`encode_inventory`; ``host`` names the sender in errors."""
+    try:
+        raw = json.loads(data)
+        return {str(k): (int(v[0]), str(v[1])) for k, v in raw.items()}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise SmdistError(f"model dir inventory from host {host}: malformed ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Clash:
+    """One path of model.tar.gz that more than one host would put there."""
+
+    path: str
+    hosts: tuple[str, ...]
+    identical: bool
+    """Same size and hash on every host: harmless duplicate, a warning."""
+    detail: str = ""
+
+    def __str__(self) -> str:
+        what = "same content" if self.identical else self.detail or "different content"
+        return f"{self.path} on hosts {', '.join(self.hosts)} ({what})"
+
+
+def find_clashes(
+    inventories: Mapping[str, Mapping[str, tuple[int, str]]],
+) -> tuple[list[Clash], list[Clash]]:
+    """(failing clashes, warnings) across the hosts' inventories, sorted by path."""
+    holders: dict[str, list[str]] = {}
+    for host in sorted(inventories):
+        for path in inventories[host]:
+            holders.setdefault(path, []).append(host)
+    failing: list[Clash] = []
+    warnings: list[Clash] = []
+    for path in sorted(holders):
+        hosts = holders[path]
+        if len(hosts) < 2:
+            continue
+        contents = {tuple(inventories[h][path]) for h in hosts}
+        if len(contents) == 1:
+            warnings.append(Clash(path, tuple(hosts), identical=True))
+        else:
+            failing.append(Clash(path, tuple(hosts), identical=False))
+    # A file on one host where another has a directory of that name: tar keeps only one.
+    dir_holders: dict[str, set[str]] = {}
+    for path, hosts in holders.items():
+        for parent in PurePosixPath(path).parents:
+            if parent.as_posix() in holders:
+                dir_holders.setdefault(parent.as_posix(), set()).update(hosts)
+    for key in sorted(dir_holders):
+        file_hosts = holders[key]
+        dir_hosts = sorted(dir_holders[key] - set(file_hosts))
+        if dir_hosts:
+            failing.append(
+                Clash(
+                    key,
+                    tuple(sorted({*file_hosts, *dir_hosts})),
+                    identical=False,
+                    detail=f"a file on {', '.join(file_hosts)}, "
+                    f"a directory on {', '.join(dir_hosts)}",
+                )
+            )
+    failing.sort(key=lambda c: c.path)
+    return failing, warnings
+
+
+def check_clashes(inventories: Mapping[str, Mapping[str, tuple[int, str]]]) -> list[Clash]:
+    """Raise :class:`ModelDirClash` on a failing clash; return the warnings otherwise."""
+    failing, warnings = find_clashes(inventories)
+    if failing:
+        raise ModelDirClash(failing)
+    return warnings
