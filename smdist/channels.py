@@ -24,7 +24,8 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from smdist.config import TRAINING_INPUT_MODES, Channel, JobConfig, Paths, resolve_root
@@ -154,7 +155,8 @@ def _wait_for_pipe(path: Path, wait_s: float) -> None:
     log.info("waiting up to %.0f s for pipe %s", wait_s, path)
     retrying = Retrying(
         stop=stop_after_delay(wait_s),
-        wait=wait_exponential_jitter(initial=0.02, max=1.0, jitter=0.05),
+        # Exponential backoff with jitter, spelled so tenacity 8.2 and 9.x read it the same.
+        wait=wait_exponential(multiplier=0.02, max=1.0) + wait_random(0, 0.05),
         retry=retry_if_exception_type(FileNotFoundError),
         before_sleep=lambda rs: log.debug(
             "pipe %s not there yet (try %d)", path, rs.attempt_number
