@@ -1,33 +1,207 @@
 """Worker bootstrap: ``python -m smdist.bootstrap SCRIPT|-m MODULE [ARGS...]``.
 
 Runs the user's entry exactly as ``python SCRIPT ARGS`` would, with two additions:
-faulthandler is on (SIGUSR1 dumps every thread's stack, which the agent uses before
-it kills a hung worker), and an uncaught exception is recorded as a structured
-error file at ``$SMDIST_ERROR_FILE`` before the interpreter prints it and exits 1.
+faulthandler is on (a crash prints the Python stack; SIGUSR1 dumps every thread's stack,
+which the agent uses before it kills a hung worker), and an uncaught exception is
+recorded as a structured error file at ``$SMDIST_ERROR_FILE`` before the interpreter
+prints it and exits 1. The agent turns that file into the failure report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
+import io
 import json
 import os
+import pwd
 import runpy
 import signal
 import socket
 import sys
+import sysconfig
 import time
 import traceback
+from types import TracebackType
 from typing import Any
 
 ERROR_FILE_ENV = "SMDIST_ERROR_FILE"
 STACK_DUMP_SIGNAL = signal.SIGUSR1
+RECORD_VERSION = 1
+
+_MAX_FRAMES = 60
+_MAX_TRACEBACK_CHARS = 64_000
+_MAX_MESSAGE_CHARS = 4_000
+_SMDIST_DIR = os.path.dirname(os.path.abspath(__file__))
+# Computed now, not at failure time: the worker may have dropped privileges or memory since.
+_LIBRARY_DIRS = tuple(
+    sorted(
+        {
+            os.path.abspath(p)
+            for key in ("stdlib", "platstdlib", "purelib", "platlib")
+            if (p := sysconfig.get_paths().get(key))
+        }
+    )
+)
 
 
-def _frames(exc: BaseException) -> list[dict[str, Any]]:
+def is_user_file(filename: str) -> bool:
+    """Whether a frame's file is the user's code: not smdist, the stdlib or an installed package."""
+    if not filename or filename.startswith("<"):
+        return False  # <frozen runpy>, <string>
+    path = os.path.abspath(filename)
+    if path.startswith(_SMDIST_DIR + os.sep):
+        return False
+    parts = path.split(os.sep)
+    if "site-packages" in parts or "dist-packages" in parts:
+        return False
+    return not any(path.startswith(d + os.sep) for d in _LIBRARY_DIRS)
+
+
+def _frames(tb: TracebackType | None) -> list[dict[str, Any]]:
+    summary = traceback.extract_tb(tb)
+    if len(summary) > _MAX_FRAMES:  # a RecursionError: keep both ends
+        summary = traceback.StackSummary.from_list([*summary[:10], *summary[-(_MAX_FRAMES - 10) :]])
     return [
-        {"file": f.filename, "line": f.lineno, "function": f.name, "code": f.line or ""}
-        for f in traceback.extract_tb(exc.__traceback__)
+        {
+            "file": f.filename,
+            "line": f.lineno,
+            "function": f.name,
+            "code": (f.line or "").strip(),
+            "user": is_user_file(f.filename),
+        }
+        for f in summary
     ]
+
+
+def _open_file_in_frames(tb: TracebackType | None) -> str | None:
+    """The file being written when a write failed: ``f.write`` errors carry no filename."""
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            name = getattr(value, "name", None) if isinstance(value, io.IOBase) else None
+            if isinstance(name, str):
+                return name
+    return None
+
+
+def _filesystem(path: str) -> dict[str, Any] | None:
+    """The mount holding ``path`` and its size, to say which disk filled up."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and probe != os.sep:
+        probe = os.path.dirname(probe)
+    mount = probe
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    try:
+        st = os.statvfs(probe)
+    except OSError:
+        return None
+    return {"mount": mount, "total": st.f_blocks * st.f_frsize, "free": st.f_bavail * st.f_frsize}
+
+
+def _describe(exc: BaseException) -> dict[str, Any]:
+    return {
+        "type": type(exc).__qualname__,
+        "module": type(exc).__module__,
+        "message": str(exc)[:_MAX_MESSAGE_CHARS],
+        "errno": getattr(exc, "errno", None) if isinstance(exc, OSError) else None,
+        "filename": _str_or_none(getattr(exc, "filename", None)),
+        "filename2": _str_or_none(getattr(exc, "filename2", None)),
+        "name": _str_or_none(getattr(exc, "name", None)),
+    }
+
+
+def _str_or_none(value: object) -> str | None:
+    if value is None:
+        return None
+    return os.fsdecode(value) if isinstance(value, (str, bytes)) else str(value)
+
+
+def _chain(exc: BaseException) -> list[dict[str, Any]]:
+    """The exceptions behind ``exc`` (``raise from``, or raised while handling it), outer first."""
+    out: list[dict[str, Any]] = []
+    seen = {id(exc)}
+    cur = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    while cur is not None and id(cur) not in seen and len(out) < 8:
+        seen.add(id(cur))
+        out.append({**_describe(cur), "frames": _frames(cur.__traceback__)[-5:]})
+        cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
+    return out
+
+
+def _user() -> dict[str, Any]:
+    uid = os.geteuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    return {"uid": uid, "name": name}
+
+
+def build_record(exc: BaseException, *, kind: str = "exception") -> dict[str, Any]:
+    """The error file's content for ``exc``: what, where, who, when."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if len(text) > _MAX_TRACEBACK_CHARS:
+        text = text[:2000] + "\n...\n" + text[-(_MAX_TRACEBACK_CHARS - 2000) :]
+    record: dict[str, Any] = {
+        "version": RECORD_VERSION,
+        "kind": kind,
+        **_describe(exc),
+        "traceback": text,
+        "frames": _frames(exc.__traceback__),
+        "chain": _chain(exc),
+        "host": os.environ.get("SM_CURRENT_HOST", socket.gethostname()),
+        "rank": _int_env("RANK"),
+        "local_rank": _int_env("LOCAL_RANK"),
+        "pid": os.getpid(),
+        "user": _user(),
+        "cwd": _cwd(),
+        "argv": list(sys.argv),
+        "time": time.time(),
+    }
+    errno_ = record["errno"]
+    if errno_ in (28, 122):  # ENOSPC, EDQUOT: say which file and which disk
+        path = record["filename"] or _open_file_in_frames(exc.__traceback__)
+        record["path"] = path
+        if path:
+            record["filesystem"] = _filesystem(path)
+    return record
+
+
+def _int_env(name: str) -> int:
+    try:
+        return int(os.environ.get(name, "0"))
+    except ValueError:
+        return 0
+
+
+def _cwd() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
+
+
+def write_record(record: dict[str, Any], path: str | None = None) -> bool:
+    """Write an error file atomically; the first writer wins (the root exception)."""
+    path = path or os.environ.get(ERROR_FILE_ENV)
+    if not path or os.path.exists(path):
+        return False
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f, default=str)
+        os.replace(tmp, path)
+    except OSError:
+        # A full disk must not hide the user's own traceback: the agent falls back to stderr.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return False
+    return True
 
 
 def record_exception(exc: BaseException, path: str | None = None) -> None:
@@ -35,33 +209,25 @@ def record_exception(exc: BaseException, path: str | None = None) -> None:
     path = path or os.environ.get(ERROR_FILE_ENV)
     if not path or os.path.exists(path):
         return
-    record = {
-        "type": type(exc).__qualname__,
-        "module": type(exc).__module__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-        "frames": _frames(exc),
-        "errno": getattr(exc, "errno", None),
-        "filename": getattr(exc, "filename", None),
-        "name": getattr(exc, "name", None),
-        "host": os.environ.get("SM_CURRENT_HOST", socket.gethostname()),
-        "rank": int(os.environ.get("RANK", "0")),
-        "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
-        "pid": os.getpid(),
-        "time": time.time(),
-    }
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a full disk must not hide the user's own traceback
+        record = build_record(exc)
+    except Exception as inner:  # never let the recorder replace the user's exception
+        record = {"version": RECORD_VERSION, "kind": "exception", **_describe(exc)}
+        record["recorder_error"] = repr(inner)
+    write_record(record, path)
+
+
+def _exit_message(exc: SystemExit) -> str | None:
+    """``sys.exit("text")`` or ``sys.exit(3)``: worth recording; ``sys.exit(0)`` is not."""
+    code = exc.code
+    if code is None or code == 0:
+        return None
+    return code if isinstance(code, str) else f"sys.exit({code!r})"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args:
+    if not args or (args[0] == "-m" and len(args) < 2):
         sys.stderr.write("usage: python -m smdist.bootstrap SCRIPT|-m MODULE [ARGS...]\n")
         raise SystemExit(2)
     faulthandler.enable()
@@ -70,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         if args[0] == "-m":
             module, rest = args[1], args[2:]
             sys.argv = [module, *rest]
-            sys.path.insert(0, os.getcwd())
+            sys.path[0] = os.getcwd()  # as `python -m` does
             runpy.run_module(module, run_name="__main__", alter_sys=True)
         else:
             script, rest = args[0], args[1:]
@@ -78,7 +244,12 @@ def main(argv: list[str] | None = None) -> None:
             # As `python script.py` does: the script's directory comes first on sys.path.
             sys.path[0] = os.path.dirname(os.path.abspath(script))
             runpy.run_path(script, run_name="__main__")
-    except SystemExit:
+    except SystemExit as exc:
+        message = _exit_message(exc)
+        if message is not None:
+            record = build_record(exc, kind="exit")
+            record["message"] = message
+            write_record(record)
         raise
     except BaseException as exc:
         record_exception(exc)
