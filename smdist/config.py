@@ -117,9 +117,7 @@ class JobConfig:
     @property
     def user_hyperparameters(self) -> dict[str, Any]:
         """The hyperparameters meant for the user's script (no ``sagemaker_*`` keys)."""
-        return {
-            k: v for k, v in self.hyperparameters.items() if not k.startswith(FRAMEWORK_PREFIX)
-        }
+        return {k: v for k, v in self.hyperparameters.items() if not k.startswith(FRAMEWORK_PREFIX)}
 
     @property
     def framework_parameters(self) -> dict[str, Any]:
@@ -223,9 +221,7 @@ def load_channels(path: Path) -> dict[str, Channel]:
             raise _fail(path, name, "an object with TrainingInputMode", spec)
         mode = spec.get("TrainingInputMode", "File")
         if mode not in TRAINING_INPUT_MODES:
-            raise _fail(
-                path, f"{name}.TrainingInputMode", " or ".join(TRAINING_INPUT_MODES), mode
-            )
+            raise _fail(path, f"{name}.TrainingInputMode", " or ".join(TRAINING_INPUT_MODES), mode)
         ctype = spec.get("ContentType")
         if ctype is not None and not isinstance(ctype, str):
             raise _fail(path, f"{name}.ContentType", "a string", ctype)

@@ -1,0 +1,167 @@
+"""One host's agent: config -> topology -> discovery -> rendezvous -> launch -> supervise
+-> report. It never trains; it coordinates, and it always leaves an exit code and, on
+failure, a failure file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from smdist import config as cfg
+from smdist import entry as entries
+from smdist import failure, sm_env, topology
+from smdist.backends import torch as torch_backend
+from smdist.errors import SmdistError
+from smdist.log import log, setup
+from smdist.rendezvous import JobPlan, RendezvousSettings, rendezvous
+from smdist.supervisor import Outcome, Supervisor
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    entry: list[str]
+    opt_ml: str | None = None
+    entry_base_dir: Path | None = None
+    """Relative entry paths are relative to this (the ``train`` entry: /opt/ml/code)."""
+    nproc_per_host: str = "auto"
+    backend: str = "torch"
+    rdzv: RendezvousSettings = field(default_factory=RendezvousSettings)
+    dns_timeout_s: float = 900.0
+    nameserver: str | None = None
+    host_addresses: Mapping[str, str] | None = None
+    """Static host -> address map (the local simulation); skips DNS."""
+    grace_s: float = 90.0
+    abort_grace_s: float = 5.0
+    barrier_timeout_s: float = 300.0
+    hyperparameter_args: bool = True
+
+
+def run(opts: AgentOptions) -> int:
+    """Run this host's part of the job; return the exit code for the container."""
+    paths = cfg.resolve_root(opts.opt_ml)
+    setup("-")
+    started = time.monotonic()
+    try:
+        stale = paths.failure_file
+        if stale.exists():
+            stale.unlink()
+            log.info("removed a stale failure file from an earlier run: %s", stale)
+        config = cfg.load(paths)
+        setup(config.resource.current_host)
+        return _run(opts, config, started)
+    except SmdistError as exc:
+        log.error("%s", exc.headline())
+        failure.write_failure_file(paths, exc.headline() + "\n")
+        return exc.exit_code
+
+
+def _resolve_addresses(opts: AgentOptions, config: cfg.JobConfig) -> dict[str, str]:
+    hosts = config.resource.hosts
+    if len(hosts) == 1:
+        return {hosts[0]: "127.0.0.1"}
+    if opts.host_addresses is not None:
+        missing = [h for h in hosts if h not in opts.host_addresses]
+        if missing:
+            raise SmdistError(f"no address given for {', '.join(missing)}")
+        return {h: opts.host_addresses[h] for h in hosts}
+    from smdist import discovery
+
+    nameserver = opts.nameserver or os.environ.get("SMDIST_NAMESERVER")
+    policy = discovery.DnsPolicy(
+        timeout_s=opts.dns_timeout_s,
+        nameserver=discovery.parse_nameserver(nameserver) if nameserver else None,
+    )
+    return discovery.resolve_hosts(hosts, policy, log)
+
+
+def _log_plan(opts: AgentOptions, config: cfg.JobConfig, plan: JobPlan, entry: str) -> None:
+    r = opts.rdzv
+    log.info(
+        "job: %d host(s), world size %d, backend %s, entry %s",
+        len(plan.layout.slots),
+        plan.layout.world_size,
+        opts.backend,
+        entry,
+    )
+    for line in plan.layout.describe():
+        log.info("rank map: %s", line)
+    log.info(
+        "workers: MASTER_ADDR=%s MASTER_PORT=%d; rendezvous port %d; timeouts: dns %.0f s, "
+        "rendezvous %.0f s, heartbeat %.0f s, stop grace %.0f s, abort grace %.0f s",
+        plan.master_addr,
+        plan.master_port,
+        r.port,
+        opts.dns_timeout_s,
+        r.timeout_s,
+        r.heartbeat_timeout_s,
+        opts.grace_s,
+        opts.abort_grace_s,
+    )
+
+
+def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
+    res = config.resource
+    if not res.from_file:
+        log.info("no %s: running as one host, algo-1", config.paths.resource_config_file)
+    entry = entries.resolve(opts.entry, opts.entry_base_dir)
+    if opts.hyperparameter_args:
+        entry = entry.with_args(sm_env.hyperparameter_args(config.user_hyperparameters))
+    gpus = topology.visible_gpus()
+    nproc = topology.processes_per_host(opts.nproc_per_host, gpus)
+    if opts.nproc_per_host == "auto":
+        log.info("processes per host: %d (%d GPU(s) visible)", nproc, gpus)
+    addresses = _resolve_addresses(opts, config)
+    plan, coordinator = rendezvous(res.current_host, res.hosts, nproc, addresses, opts.rdzv)
+    _log_plan(opts, config, plan, entry.target)
+    for d in (config.paths.model_dir, config.paths.output_data_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    env_sm = sm_env.sm_environment(
+        config, entry_point=entry.name, num_gpus=gpus, num_cpus=os.cpu_count() or 1
+    )
+    run_dir = Path(tempfile.mkdtemp(prefix="smdist-"))
+    try:
+        specs = torch_backend.worker_specs(
+            entry, plan, res.current_host, os.environ, env_sm, run_dir, config.paths.root
+        )
+        supervisor = Supervisor(
+            res.current_host,
+            specs,
+            coordinator,
+            grace_s=opts.grace_s,
+            abort_grace_s=opts.abort_grace_s,
+            barrier_timeout_s=opts.barrier_timeout_s,
+        )
+        try:
+            outcome = supervisor.run()
+        finally:
+            coordinator.close()
+        return _report(config, outcome, started)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _report(config: cfg.JobConfig, outcome: Outcome, started: float) -> int:
+    elapsed = time.monotonic() - started
+    if outcome.exit_code == 0:
+        how = "stopped cleanly" if outcome.stopped else "finished"
+        log.info("job %s on this host after %.1f s (exit 0)", how, elapsed)
+        return 0
+    event = outcome.event
+    root = None
+    if event is not None and event.host == config.resource.current_host:
+        root = next((f for f in outcome.failures if f.rank == event.rank), None)
+    if root is not None:
+        text = failure.headline(root)
+    elif event is not None:
+        text = event.headline
+    else:
+        text = f"job failed with exit code {outcome.exit_code}"
+    log.error("%s", text)
+    failure.write_failure_file(config.paths, text + "\n")
+    log.info("exit %d after %.1f s", outcome.exit_code, elapsed)
+    return outcome.exit_code

@@ -1,0 +1,71 @@
+"""The torch backend: one worker per GPU (NCCL) or per host on CPU (gloo), env:// init."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from smdist.entry import Entry
+from smdist.rendezvous import JobPlan
+from smdist.supervisor import WorkerSpec
+
+# Set for every worker, whatever the container says: these define the worker.
+RANK_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def worker_specs(
+    entry: Entry,
+    plan: JobPlan,
+    host: str,
+    base_env: Mapping[str, str],
+    sm_env: Mapping[str, str],
+    run_dir: Path,
+    opt_ml_root: Path,
+) -> list[WorkerSpec]:
+    """One spec per local rank: SageMaker variables the user did not set, then the ranks."""
+    slot = plan.layout.slot(host)
+    specs = []
+    for local_rank, rank in enumerate(slot.ranks):
+        env = dict(base_env)
+        for name, value in sm_env.items():
+            env.setdefault(name, value)  # a variable the user set is never clobbered
+        if slot.nproc > 1:
+            env.setdefault("OMP_NUM_THREADS", "1")
+        env.update(
+            {
+                "RANK": str(rank),
+                "LOCAL_RANK": str(local_rank),
+                "WORLD_SIZE": str(plan.layout.world_size),
+                "LOCAL_WORLD_SIZE": str(slot.nproc),
+                "NODE_RANK": str(slot.node_rank),
+                "GROUP_RANK": str(slot.node_rank),
+                "MASTER_ADDR": plan.master_addr,
+                "MASTER_PORT": str(plan.master_port),
+                "SMDIST_AGENT_PID": str(os.getpid()),
+                "SMDIST_OPT_ML": str(opt_ml_root),
+                "SMDIST_ERROR_FILE": str(run_dir / f"rank-{rank}.error.json"),
+                "SMDIST_CONTROL_FILE": str(run_dir / f"rank-{rank}.control.json"),
+            }
+        )
+        specs.append(
+            WorkerSpec(
+                rank=rank,
+                local_rank=local_rank,
+                argv=entry.argv(),
+                env=env,
+                python=entry.python,
+                error_file=run_dir / f"rank-{rank}.error.json",
+                control_file=run_dir / f"rank-{rank}.control.json",
+            )
+        )
+    return specs

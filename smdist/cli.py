@@ -1,0 +1,240 @@
+"""``smdist-run`` and ``train`` (SageMaker's ``docker run IMAGE train``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from smdist import __version__
+from smdist import config as cfg
+from smdist.errors import ConfigError, EntryPointNotFound, SmdistError
+from smdist.log import log, setup
+from smdist.rendezvous import RendezvousSettings
+
+ENTRY_ENV = ("SMDIST_ENTRY", "SAGEMAKER_PROGRAM")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a TCP port (1-65535), got {text!r}")
+    return int(text)
+
+
+def _host_map(text: str) -> dict[str, str]:
+    pairs = {}
+    for item in text.split(","):
+        host, sep, addr = item.partition("=")
+        if not sep or not host or not addr:
+            raise argparse.ArgumentTypeError(
+                f"expected HOST=ADDRESS[,HOST=ADDRESS...], got {text!r}"
+            )
+        pairs[host] = addr
+    return pairs
+
+
+def _parser(prog: str, with_entry: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Run a training script on every host of a SageMaker-style job.",
+        allow_abbrev=False,
+    )
+    p.add_argument("--version", action="version", version=f"smdist {__version__}")
+    p.add_argument("--opt-ml", metavar="DIR", help="the /opt/ml root (env SMDIST_OPT_ML)")
+    p.add_argument(
+        "--nproc-per-host",
+        default="auto",
+        metavar="auto|N",
+        help="workers per host (auto: one per GPU, 1 on CPU)",
+    )
+    p.add_argument("--backend", choices=("torch",), default="torch")
+    p.add_argument(
+        "--simulate", metavar="HxP", help="run H simulated hosts x P processes on this machine"
+    )
+    p.add_argument(
+        "--work-dir", metavar="DIR", help="with --simulate: where the hosts' /opt/ml trees go"
+    )
+    p.add_argument(
+        "--rdzv-port", type=_port, default=29400, help="the master agent's rendezvous port"
+    )
+    p.add_argument("--master-port", type=_port, help="workers' MASTER_PORT (default: a free port)")
+    p.add_argument(
+        "--rdzv-timeout",
+        type=_seconds,
+        default=600.0,
+        metavar="S",
+        help="wait for all hosts to join",
+    )
+    p.add_argument(
+        "--dns-timeout",
+        type=_seconds,
+        default=900.0,
+        metavar="S",
+        help="wait for host names to resolve",
+    )
+    p.add_argument(
+        "--nameserver", metavar="HOST[:PORT]", help="DNS server to ask (env SMDIST_NAMESERVER)"
+    )
+    p.add_argument(
+        "--host-addresses", type=_host_map, metavar="H=ADDR,...", help="static addresses; skips DNS"
+    )
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="S",
+        help="declare a silent host lost",
+    )
+    p.add_argument(
+        "--grace", type=_seconds, default=90.0, metavar="S", help="after SIGTERM, before SIGKILL"
+    )
+    p.add_argument(
+        "--abort-grace",
+        type=_seconds,
+        default=5.0,
+        metavar="S",
+        help="after a failure, before SIGKILL",
+    )
+    p.add_argument(
+        "--no-hyperparameter-args",
+        action="store_true",
+        help="don't pass hyperparameters as --name value",
+    )
+    p.add_argument("-m", dest="module", metavar="MODULE", help="run a module, like python -m")
+    if with_entry:
+        p.add_argument("entry", nargs=argparse.REMAINDER, help="SCRIPT.py|PROGRAM [ARGS...]")
+    return p
+
+
+def _strip_sagemaker_train(args: list[str]) -> list[str]:
+    """SageMaker appends ``train`` to the image's ENTRYPOINT: never pass it to the script.
+
+    The last argument is dropped when it is the bare word ``train`` and the argument before
+    it is not an option (``--mode train`` stays).
+    """
+    if args and args[-1] == "train" and (len(args) == 1 or not args[-2].startswith("-")):
+        log.info("dropping the trailing 'train' argument SageMaker appends to the entrypoint")
+        return args[:-1]
+    return args
+
+
+def _options(ns: argparse.Namespace, entry: list[str], base_dir: Path | None):  # type: ignore[no-untyped-def]
+    from smdist.agent import AgentOptions
+
+    return AgentOptions(
+        entry=entry,
+        opt_ml=ns.opt_ml,
+        entry_base_dir=base_dir,
+        nproc_per_host=ns.nproc_per_host,
+        backend=ns.backend,
+        rdzv=RendezvousSettings(
+            port=ns.rdzv_port,
+            timeout_s=ns.rdzv_timeout,
+            master_port=ns.master_port,
+            heartbeat_timeout_s=ns.heartbeat_timeout,
+        ),
+        dns_timeout_s=ns.dns_timeout,
+        nameserver=ns.nameserver,
+        host_addresses=ns.host_addresses,
+        grace_s=ns.grace,
+        abort_grace_s=ns.abort_grace,
+        hyperparameter_args=not ns.no_hyperparameter_args,
+    )
+
+
+def _launch(ns: argparse.Namespace, entry: list[str], base_dir: Path | None) -> int:
+    if ns.simulate:
+        from smdist import simulate
+
+        return simulate.run(ns.simulate, ns.work_dir, entry, _agent_flags(ns), ns.opt_ml)
+    from smdist import agent
+
+    return agent.run(_options(ns, entry, base_dir))
+
+
+def _agent_flags(ns: argparse.Namespace) -> list[str]:
+    """The flags each simulated host's agent gets (the rest is the simulation's to choose)."""
+    flags = [
+        "--backend", ns.backend,
+        "--rdzv-timeout", str(ns.rdzv_timeout),
+        "--heartbeat-timeout", str(ns.heartbeat_timeout),
+        "--grace", str(ns.grace),
+        "--abort-grace", str(ns.abort_grace),
+    ]  # fmt: skip
+    if ns.no_hyperparameter_args:
+        flags.append("--no-hyperparameter-args")
+    return flags
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``smdist-run [OPTIONS] SCRIPT.py|-m MODULE|PROGRAM [ARGS...]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    ns = _parser("smdist-run", with_entry=True).parse_args(args)
+    entry: list[str] = list(ns.entry)
+    if entry and entry[0] == "--":
+        entry = entry[1:]
+    if ns.module:
+        entry = ["-m", ns.module, *entry]
+    if not entry:
+        _parser("smdist-run", True).error("give the training script (or -m MODULE, or a program)")
+    entry = (
+        [entry[0], *_strip_sagemaker_train(entry[1:])]
+        if entry[0] != "-m"
+        else [
+            "-m",
+            entry[1],
+            *_strip_sagemaker_train(entry[2:]),
+        ]
+    )
+    return _launch(ns, entry, None)
+
+
+def _entry_from_job(paths: cfg.Paths) -> str:
+    for name in ENTRY_ENV:
+        value = os.environ.get(name)
+        if value:
+            return value
+    try:
+        hps = cfg.load_hyperparameters(paths.hyperparameters_file)
+    except ConfigError:
+        hps = {}
+    program = hps.get("sagemaker_program")
+    if isinstance(program, str) and program:
+        return program
+    raise EntryPointNotFound(
+        "no entry script: set SMDIST_ENTRY or SAGEMAKER_PROGRAM, or the sagemaker_program "
+        f"hyperparameter in {paths.hyperparameters_file}"
+    )
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``train``: what SageMaker runs. The entry comes from the job, relative to /opt/ml/code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    ns = _parser("train", with_entry=False).parse_args(args)
+    paths = cfg.resolve_root(ns.opt_ml)
+    try:
+        target = _entry_from_job(paths)
+    except SmdistError as exc:
+        setup("-")
+        log.error("%s", exc.headline())
+        from smdist import failure
+
+        failure.write_failure_file(paths, exc.headline() + "\n")
+        return exc.exit_code
+    return _launch(ns, [target], paths.code_dir)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""What the workers run: a ``.py`` script, ``-m module``, or any program. No shell, ever."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from smdist.errors import EntryPointNotFound
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str
+    """``script`` (run through the bootstrap), ``module`` (``-m``) or ``program``."""
+    target: str
+    args: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """SM_USER_ENTRY_POINT: the script's file name, the module, or the program."""
+        return os.path.basename(self.target) if self.kind != "module" else self.target
+
+    @property
+    def python(self) -> bool:
+        return self.kind in ("script", "module")
+
+    def argv(self) -> list[str]:
+        if self.kind == "script":
+            return [sys.executable, "-m", "smdist.bootstrap", self.target, *self.args]
+        if self.kind == "module":
+            return [sys.executable, "-m", "smdist.bootstrap", "-m", self.target, *self.args]
+        return [self.target, *self.args]
+
+    def with_args(self, extra: list[str]) -> Entry:
+        return Entry(self.kind, self.target, (*self.args, *extra))
+
+
+def resolve(argv: list[str], base_dir: Path | None = None) -> Entry:
+    """``[script.py, args...]``, ``[-m, module, args...]`` or ``[program, args...]``.
+
+    A relative script or program path is taken relative to ``base_dir`` (the ``train``
+    entry uses /opt/ml/code), else to the working directory.
+    """
+    if not argv:
+        raise EntryPointNotFound("no entry point: give a script, -m MODULE, or a program")
+    if argv[0] == "-m":
+        if len(argv) < 2 or not argv[1]:
+            raise EntryPointNotFound("-m needs a module name")
+        return Entry("module", argv[1], tuple(argv[2:]))
+    target, args = argv[0], tuple(argv[1:])
+    path = Path(target)
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    where = f"(looked in {path.parent.resolve()})" if not path.is_absolute() else ""
+    if target.endswith(".py"):
+        if not path.is_file():
+            raise EntryPointNotFound(f"entry script {path} does not exist {where}".rstrip())
+        return Entry("script", str(path.resolve()), args)
+    if path.is_file() or "/" in target or base_dir is not None:
+        if not path.is_file():
+            raise EntryPointNotFound(f"entry program {path} does not exist {where}".rstrip())
+        if not os.access(path, os.X_OK):
+            raise EntryPointNotFound(f"entry program {path} is not executable (chmod +x it)")
+        return Entry("program", str(path.resolve()), args)
+    found = shutil.which(target)
+    if found is None:
+        raise EntryPointNotFound(f"entry program {target} not found on PATH")
+    return Entry("program", found, args)

@@ -1,0 +1,348 @@
+"""Agents meet, agree on the rank map, and share job-wide events.
+
+Single host: nothing to meet, a ``LocalCoordinator``. Several hosts: the master's agent
+hosts a store (``smdist.store``), every agent joins it, publishes its process count and
+reads the plan. The same store then carries the job's one ``abort`` event (the first
+failure, a stop request, or a lost host: first writer wins, so it is the root cause),
+heartbeats, and the exit barrier.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+from smdist.errors import RendezvousFailed
+from smdist.log import log
+from smdist.store import StoreClient, StoreServer, StoreUnavailable
+from smdist.topology import Layout, build_layout, master_host, sorted_hosts
+
+ABORT = "abort"
+ALL_DONE = "alldone"
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """Why the job must end early: ``failure`` of a worker, ``stop`` asked, ``lost`` host."""
+
+    kind: str
+    host: str
+    headline: str
+    exit_code: int
+    rank: int | None = None
+    time: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> JobEvent:
+        return JobEvent(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class RendezvousSettings:
+    port: int = 29400
+    timeout_s: float = 600.0
+    master_port: int | None = None
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 10.0
+    leave_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    layout: Layout
+    master_addr: str
+    master_port: int
+
+
+class Coordinator(Protocol):
+    def report(self, event: JobEvent) -> JobEvent:
+        """Publish ``event`` unless one exists; return the job's event (the first)."""
+
+    def event(self) -> JobEvent | None: ...
+
+    def start_watch(self, notify: Callable[[], None]) -> None: ...
+
+    def finished(self) -> None:
+        """This host's workers all exited 0: enter the exit barrier."""
+
+    def all_done(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class LocalCoordinator:
+    """One host: events stay in this process."""
+
+    def __init__(self) -> None:
+        self._event: JobEvent | None = None
+        self._done = False
+
+    def report(self, event: JobEvent) -> JobEvent:
+        if self._event is None:
+            self._event = event
+        return self._event
+
+    def event(self) -> JobEvent | None:
+        return self._event
+
+    def start_watch(self, notify: Callable[[], None]) -> None:
+        pass
+
+    def finished(self) -> None:
+        self._done = True
+
+    def all_done(self) -> bool:
+        return self._done
+
+    def close(self) -> None:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def check_port_free(port: int, what: str, host: str) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError as exc:
+            raise RendezvousFailed(
+                f"{what} {port} on {host} is already in use: {exc.strerror or exc}"
+            ) from exc
+
+
+def _wait_logged(
+    client: StoreClient, keys: Sequence[str], timeout_s: float, what: str, where: str
+) -> None:
+    """Wait for ``keys`` with a progress line every 10 s and a deadline."""
+    start = time.monotonic()
+    while True:
+        left = timeout_s - (time.monotonic() - start)
+        if left <= 0:
+            have = client.prefix("host/")
+            missing = [k.split("/", 1)[1] for k in keys if k not in have] or list(keys)
+            raise RendezvousFailed(
+                f"{what} did not arrive at the rendezvous on {where} within {timeout_s:.0f} s: "
+                f"missing {', '.join(missing)}"
+            )
+        if client.wait(keys, min(10.0, left)):
+            return
+        have = client.prefix("")
+        missing = [k for k in keys if k not in have]
+        log.info(
+            "waiting for %s at the rendezvous on %s: %d/%d present, missing %s (%.0f s of %.0f s)",
+            what,
+            where,
+            len(keys) - len(missing),
+            len(keys),
+            ", ".join(m.removeprefix("host/") for m in missing[:8])
+            + (" ..." if len(missing) > 8 else ""),
+            time.monotonic() - start,
+            timeout_s,
+        )
+
+
+def rendezvous(
+    current_host: str,
+    hosts: Sequence[str],
+    nproc: int,
+    addresses: Mapping[str, str],
+    settings: RendezvousSettings,
+) -> tuple[JobPlan, Coordinator]:
+    """Meet the other hosts' agents; return the job's plan and its coordinator."""
+    ordered = sorted_hosts(hosts)
+    master = master_host(ordered)
+    if len(ordered) == 1:
+        port = settings.master_port
+        if port is None:
+            port = free_port()
+        else:
+            check_port_free(port, "worker MASTER_PORT", current_host)
+        return (
+            JobPlan(build_layout({current_host: nproc}), "127.0.0.1", port),
+            LocalCoordinator(),
+        )
+    master_addr = addresses[master]
+    where = f"{master} ({master_addr}:{settings.port})"
+    server: StoreServer | None = None
+    if current_host == master:
+        server = StoreServer(settings.port, current_host)
+        connect_to = "127.0.0.1"
+    else:
+        connect_to = master_addr
+    try:
+        ctl = StoreClient(connect_to, settings.port, settings.timeout_s, master)
+        ctl.set(f"host/{current_host}", json.dumps({"nproc": nproc, "hosts": list(ordered)}))
+        host_keys = [f"host/{h}" for h in ordered]
+        if server is not None:
+            _wait_logged(ctl, host_keys, settings.timeout_s, "hosts", where)
+            joined = ctl.prefix("host/")
+            nprocs: dict[str, int] = {}
+            for h in ordered:
+                info = json.loads(joined[f"host/{h}"])
+                if tuple(info["hosts"]) != ordered:
+                    raise RendezvousFailed(
+                        f"hosts differ between {master} {list(ordered)} and {h} {info['hosts']}: "
+                        "every host's resourceconfig.json must list the same hosts"
+                    )
+                nprocs[h] = int(info["nproc"])
+            port = settings.master_port
+            if port is None:
+                port = free_port()
+            else:
+                check_port_free(port, "worker MASTER_PORT", current_host)
+            ctl.set("plan", json.dumps({"nproc": nprocs, "master_port": port}))
+        else:
+            _wait_logged(ctl, ["plan"], settings.timeout_s, f"the plan of {master}", where)
+        plan = json.loads(ctl.get("plan") or "{}")
+        watch = StoreClient(connect_to, settings.port, settings.timeout_s, master)
+    except BaseException:
+        if server is not None:
+            server.close()
+        raise
+    layout = build_layout(plan["nproc"])
+    coordinator = StoreCoordinator(current_host, layout, ctl, watch, server, settings)
+    return JobPlan(layout, master_addr, int(plan["master_port"])), coordinator
+
+
+class StoreCoordinator:
+    """Job-wide events through the master's store; a watcher thread heartbeats."""
+
+    def __init__(
+        self,
+        host: str,
+        layout: Layout,
+        ctl: StoreClient,
+        watch: StoreClient,
+        server: StoreServer | None,
+        settings: RendezvousSettings,
+    ) -> None:
+        self.host = host
+        self.layout = layout
+        self._ctl = ctl
+        self._watch = watch
+        self._server = server
+        self._settings = settings
+        self._event: JobEvent | None = None
+        self._all_done = False
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+
+    def _set_event(self, event: JobEvent) -> JobEvent:
+        with self._lock:
+            if self._event is None:
+                self._event = event
+            return self._event
+
+    def report(self, event: JobEvent) -> JobEvent:
+        try:
+            winner = self._ctl.compare_set(ABORT, None, event.to_json())
+        except StoreUnavailable:
+            return self._set_event(event)
+        return self._set_event(JobEvent.from_json(winner) if winner else event)
+
+    def event(self) -> JobEvent | None:
+        with self._lock:
+            return self._event
+
+    def all_done(self) -> bool:
+        with self._lock:
+            return self._all_done
+
+    def finished(self) -> None:
+        try:
+            if self._ctl.add("finished", 1) == len(self.layout.slots):
+                self._ctl.set(ALL_DONE, "1")
+        except StoreUnavailable as exc:
+            self._lost(self.layout.master, str(exc))
+
+    def start_watch(self, notify: Callable[[], None]) -> None:
+        thread = threading.Thread(
+            target=self._watch_loop, args=(notify,), name="smdist-watch", daemon=True
+        )
+        thread.start()
+
+    def _lost(self, host: str, why: str) -> JobEvent:
+        event = JobEvent(
+            kind="lost",
+            host=host,
+            headline=f"HostLost: host {host} stopped responding ({why})",
+            exit_code=1,
+            time=time.time(),
+        )
+        if host == self.layout.master:
+            return self._set_event(event)  # its store went with it
+        return self.report(event)
+
+    def _watch_loop(self, notify: Callable[[], None]) -> None:
+        s = self._settings
+        peers = [h for h in self.layout.hosts if h != self.host]
+        last_seen: dict[str, tuple[str | None, float]] = {
+            h: (None, time.monotonic()) for h in peers
+        }
+        while not self._closing.is_set():
+            try:
+                self._watch.add(f"hb/{self.host}", 1)
+                if self._watch.wait([ABORT, ALL_DONE], s.heartbeat_interval_s, all_keys=False):
+                    abort = self._watch.get(ABORT)
+                    if abort is not None:
+                        self._set_event(JobEvent.from_json(abort))
+                    else:
+                        with self._lock:
+                            self._all_done = True
+                    notify()
+                    return
+                beats = self._watch.prefix("hb/")
+            except StoreUnavailable as exc:
+                if not self._closing.is_set():
+                    self._lost(self.layout.master, str(exc))
+                    notify()
+                return
+            now = time.monotonic()
+            for h in peers:
+                value = beats.get(f"hb/{h}")
+                seen, since = last_seen[h]
+                if value != seen:
+                    last_seen[h] = (value, now)
+                elif now - since > s.heartbeat_timeout_s:
+                    self._lost(h, f"no heartbeat for {now - since:.1f} s")
+                    notify()
+                    return
+
+    def close(self) -> None:
+        """Leave: the master keeps its store up until the others have read the outcome."""
+        self._closing.set()
+        try:
+            if self._server is None:
+                self._ctl.set(f"left/{self.host}", "1")
+            else:
+                event = self.event()
+                lost = event.host if event is not None and event.kind == "lost" else None
+                keys = [f"left/{h}" for h in self.layout.hosts if h not in (self.host, lost)]
+                if keys and not self._ctl.wait(keys, self._settings.leave_timeout_s):
+                    gone = self._ctl.prefix("left/")
+                    late = [k.removeprefix("left/") for k in keys if k not in gone]
+                    log.info(
+                        "closing the rendezvous store; %s had not left after %.0f s",
+                        ", ".join(late),
+                        self._settings.leave_timeout_s,
+                    )
+        except StoreUnavailable:
+            pass
+        finally:
+            self._ctl.close()
+            self._watch.close()
+            if self._server is not None:
+                self._server.close()

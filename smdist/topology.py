@@ -1,0 +1,115 @@
+"""Who is master, which ranks live where: pure functions, no I/O beyond counting GPUs."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from smdist.errors import ConfigError
+
+
+def sorted_hosts(hosts: Sequence[str]) -> tuple[str, ...]:
+    """Plain string order, identical on every host: algo-1 < algo-10 < algo-2."""
+    return tuple(sorted(hosts))
+
+
+def master_host(hosts: Sequence[str]) -> str:
+    return sorted_hosts(hosts)[0]
+
+
+def node_rank(hosts: Sequence[str], host: str) -> int:
+    return sorted_hosts(hosts).index(host)
+
+
+@dataclass(frozen=True)
+class HostSlot:
+    host: str
+    node_rank: int
+    nproc: int
+    first_rank: int
+
+    @property
+    def ranks(self) -> range:
+        return range(self.first_rank, self.first_rank + self.nproc)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The job's rank map: hosts in node-rank order, global ranks contiguous per host."""
+
+    slots: tuple[HostSlot, ...]
+
+    @property
+    def master(self) -> str:
+        return self.slots[0].host
+
+    @property
+    def world_size(self) -> int:
+        return sum(s.nproc for s in self.slots)
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return tuple(s.host for s in self.slots)
+
+    def slot(self, host: str) -> HostSlot:
+        for s in self.slots:
+            if s.host == host:
+                return s
+        raise KeyError(host)
+
+    def describe(self) -> list[str]:
+        """One line per host, for the start-of-job log."""
+        lines = []
+        for s in self.slots:
+            ranks = f"{s.first_rank}" if s.nproc == 1 else f"{s.ranks[0]}-{s.ranks[-1]}"
+            tag = " (master)" if s.host == self.master else ""
+            lines.append(f"{s.host}: node rank {s.node_rank}, ranks {ranks}{tag}")
+        return lines
+
+
+def build_layout(nproc_by_host: Mapping[str, int]) -> Layout:
+    slots = []
+    first = 0
+    for index, host in enumerate(sorted_hosts(list(nproc_by_host))):
+        n = nproc_by_host[host]
+        slots.append(HostSlot(host=host, node_rank=index, nproc=n, first_rank=first))
+        first += n
+    return Layout(tuple(slots))
+
+
+def visible_gpus(environ: Mapping[str, str] | None = None, dev: Path = Path("/dev")) -> int:
+    """GPUs this container can use, without importing torch.
+
+    CUDA_VISIBLE_DEVICES wins (as CUDA reads it: up to the first invalid entry);
+    else the NVIDIA device nodes.
+    """
+    env = os.environ if environ is None else environ
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        count = 0
+        for item in visible.split(","):
+            item = item.strip()
+            if not item or item.startswith("-"):
+                break
+            count += 1
+        return count
+    try:
+        return sum(1 for p in dev.iterdir() if re.fullmatch(r"nvidia\d+", p.name))
+    except OSError:
+        return 0
+
+
+def processes_per_host(flag: str, gpus: int) -> int:
+    """``--nproc-per-host auto|N``: auto is one per visible GPU, 1 on CPU."""
+    if flag == "auto":
+        return gpus if gpus > 0 else 1
+    try:
+        n = int(flag)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f'--nproc-per-host: expected "auto" or a positive integer, got "{flag}"')
+    return n
