@@ -444,3 +444,22 @@ def test_importing_sm_env_stays_cheap() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=os.environ
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_a_tree_without_config_files_is_one_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The toolkit cannot run here (it needs the files); smdist's documented default.
+    root = tmp_path / "ml"
+    root.mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = smconfig.load(smconfig.Paths(Path("ml")))  # relative, as `--opt-ml ml` gives it
+    env = sm_environment(cfg, entry_point="train.py", num_gpus=0, num_cpus=2, environ={})
+    assert json.loads(env["SM_HOSTS"]) == ["algo-1"]
+    assert env["SM_CURRENT_HOST"] == "algo-1"
+    assert json.loads(env["SM_CHANNELS"]) == []
+    assert json.loads(env["SM_USER_ARGS"]) == []
+    assert json.loads(env["SM_RESOURCE_CONFIG"]) == {"current_host": "algo-1", "hosts": ["algo-1"]}
+    # Absolute: a worker started in another directory still finds the tree.
+    assert env["SM_MODEL_DIR"] == f"{root}/model"
+    assert env["SM_OUTPUT_DIR"] == f"{root}/output"
