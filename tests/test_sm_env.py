@@ -463,3 +463,46 @@ def test_a_tree_without_config_files_is_one_host(
     # Absolute: a worker started in another directory still finds the tree.
     assert env["SM_MODEL_DIR"] == f"{root}/model"
     assert env["SM_OUTPUT_DIR"] == f"{root}/output"
+
+
+DUMP_SCRIPT = r"""
+import json, os, sys
+names = [k for k in os.environ if k.startswith("SM_")]
+names += ["CURRENT_HOST", "SAGEMAKER_JOB_NAME", "SAGEMAKER_REGION"]
+with open(os.environ["SM_ENV_TEST_OUT"], "w") as f:
+    json.dump({"argv": sys.argv[1:], "env": {k: os.environ.get(k) for k in names}}, f)
+"""
+
+
+def test_a_worker_started_by_smdist_run_sees_what_the_toolkit_gives(
+    runs: dict[str, Run], tmp_path: Path
+) -> None:
+    run = runs["trn2-ddp"]
+    script = run.root / "code" / "train.py"  # the toolkit created code/; sagemaker_program
+    script.write_text(DUMP_SCRIPT, encoding="utf-8")
+    out = tmp_path / "worker.json"
+    repo = Path(smconfig.__file__).resolve().parent.parent
+    env = {**run.environ, "PYTHONPATH": str(repo), "SM_ENV_TEST_OUT": str(out)}
+    done = subprocess.run(
+        [sys.executable, "-m", "smdist.cli", "--opt-ml", str(run.root), str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,  # hang guard only
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    worker = json.loads(out.read_text(encoding="utf-8"))
+    got = worker["env"]
+    want = {**run.toolkit["vars"], **run.toolkit["extra"]}
+    got_te = json.loads(got.pop("SM_TRAINING_ENV"))
+    want_te = json.loads(want.pop("SM_TRAINING_ENV"))
+    if want["SM_NUM_GPUS"] != "0":
+        # GPU machine: the toolkit counts every GPU nvidia-smi lists, the agent honours
+        # CUDA_VISIBLE_DEVICES (topology's detection, tested there).
+        for d in (got, want):
+            d.pop("SM_NUM_GPUS")
+        for d in (got_te, want_te):
+            d.pop("num_gpus")
+    assert got_te == want_te
+    assert {k: got.get(k) for k in want} == want
+    assert worker["argv"] == run.toolkit["args"]
