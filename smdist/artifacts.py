@@ -370,11 +370,22 @@ class Artifacts:
             found = _stepped_files(directory, rel.name)
             if found:
                 return max(found)[1]
-            plain = directory / rel.name
-            return plain if plain.is_file() else None
+            unstepped = directory / rel.name
+            return unstepped if unstepped.is_file() else None
         found = _stepped_files(base, None)
         if not found:
-            return None
+            plain = sorted(
+                f
+                for f in (base.iterdir() if base.is_dir() else ())
+                if f.is_file() and not is_temp_file(f) and not _STEP_RE.match(f.name)
+            )
+            if len(plain) > 1:
+                names = ", ".join(f.name for f in plain)
+                raise ArtifactError(
+                    f"{base}: several checkpoints without a step ({names}); "
+                    "pass name= to latest_checkpoint"
+                )
+            return plain[0] if plain else None
         top = max(step for step, _ in found)
         at_top = sorted(p for step, p in found if step == top)
         if len(at_top) > 1:
