@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -415,7 +416,9 @@ def test_writes_through_the_api_never_clash(tmp_path: Path) -> None:
         (lambda a: a.save_checkpoint({}, "c.pt", step=1, keep=0), "keep=0: expected a positive"),
     ],
 )
-def test_bad_arguments_get_a_one_line_error(tmp_path: Path, call, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_arguments_get_a_one_line_error(
+    tmp_path: Path, call: Callable[[Artifacts], object], message: str
+) -> None:
     with pytest.raises(ArtifactError) as err:
         call(arts(tmp_path, 0, 0, "algo-1"))
     assert message in str(err.value)
