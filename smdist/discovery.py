@@ -338,6 +338,10 @@ def _compact(hosts: Sequence[str]) -> str:
     return ", ".join(parts)
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _host_order(name: str) -> tuple[str, int, str]:
     m = re.fullmatch(r"(.*?)(\d+)", name)
     return (m.group(1), int(m.group(2)), name) if m else (name, -1, name)
@@ -356,7 +360,7 @@ def _failure_message(
         by_error.setdefault(h.error, []).append(h.name)
     head = (
         f"{len(missing)} of {total} hosts did not resolve after {waited:.1f} s "
-        f"(deadline {policy.timeout_s:g} s, {attempts} attempts, asked {described}): "
+        f"(deadline {policy.timeout_s:g} s, {_plural(attempts, 'attempt')}, asked {described}): "
     )
     body = "; ".join(f"{_compact(names)} {error}" for error, names in by_error.items())
     room = _MESSAGE_LIMIT - len(HostResolutionFailed.category) - 2 - len(head)
@@ -524,6 +528,7 @@ def wait_reachable(
         last = exc.last_attempt.exception()
         raise RendezvousFailed(
             f"cannot connect to host {host} at {target}: {_os_reason(last) if last else '?'} "
-            f"(waited {time.monotonic() - start:.1f} s, {exc.last_attempt.attempt_number} attempts)"
+            f"(waited {time.monotonic() - start:.1f} s, "
+            f"{_plural(exc.last_attempt.attempt_number, 'attempt')})"
         ) from None
     log.info("host %s at %s accepts connections", host, target)

@@ -13,7 +13,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -25,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dns_server import DnsServer
 
 pytestmark = pytest.mark.timeout(60)
+T = TypeVar("T")
 
 # Short deadlines keep the failing cases fast; the defaults are for real jobs.
-FAST = {"attempt_timeout_s": 0.5, "initial_backoff_s": 0.05, "max_backoff_s": 0.2}
+FAST = DnsPolicy(attempt_timeout_s=0.5, initial_backoff_s=0.05, max_backoff_s=0.2)
 
 
 class LogWatch(logging.Handler):
@@ -81,10 +84,10 @@ def dns() -> Iterator[DnsServer]:
 
 
 def policy(server: DnsServer, timeout_s: float = 20.0, **kw: float) -> DnsPolicy:
-    return DnsPolicy(timeout_s=timeout_s, nameserver=server.endpoint, **{**FAST, **kw})
+    return replace(FAST, timeout_s=timeout_s, nameserver=server.endpoint, **kw)
 
 
-def in_background(fn: Callable[[], dict[str, str]]) -> Future[dict[str, str]]:
+def in_background(fn: Callable[[], T]) -> Future[T]:
     pool = ThreadPoolExecutor(1)
     future = pool.submit(fn)
     pool.shutdown(wait=False)
@@ -192,12 +195,12 @@ def test_many_unresolved_hosts_fit_the_failure_file(
     hosts = [f"algo-{i}" for i in range(1, 301)] + ["param-server"]
     dns.add("algo-7", a="10.0.0.7")
     with pytest.raises(HostResolutionFailed) as err:
-        resolve_hosts(hosts, policy(dns, timeout_s=0.5), log[0])
+        resolve_hosts(hosts, policy(dns, timeout_s=2.0), log[0])
     text = err.value.headline()
     assert len(text) <= 1024
-    assert text.endswith(": algo-1, algo-2..algo-6, algo-8..algo-300, param-server NXDOMAIN") or (
-        text.endswith(": algo-1..algo-6, algo-8..algo-300, param-server NXDOMAIN")
-    )
+    # Every host is named, runs of numbered hosts compacted; the summary comes first.
+    assert text.endswith(": algo-1..algo-6, algo-8..algo-300, param-server NXDOMAIN")
+    assert "300 of 301 hosts did not resolve" in text
     # The progress line names a few hosts and counts the rest, never all 300.
     line = next(x for x in log[1].lines if x.startswith("waiting for 300/301 hosts"))
     assert "... and 292 more" in line
@@ -240,10 +243,8 @@ def test_a_malformed_name_fails_at_once(
     with pytest.raises(ConfigError) as err:
         # The default 15-minute deadline: only an immediate error passes the timeout.
         resolve_hosts(["algo-1", name], DnsPolicy(nameserver=dns.endpoint), log[0])
-    assert str(err.value) == f"host {name!r} is not a valid host name: {why}" or why in str(
-        err.value
-    )
-    assert repr(name) in str(err.value)
+    assert str(err.value).startswith(f"host {name!r} is not a valid host name: ")
+    assert why in str(err.value)
     assert dns.total_queries() == 0
 
 
@@ -259,7 +260,7 @@ def test_resolv_conf_without_nameserver_falls_back_to_the_system_resolver(
 ) -> None:
     conf = tmp_path / "resolv.conf"
     conf.write_text("# no nameserver here\nsearch example.invalid\noptions ndots:1\n")
-    got = resolve_hosts(["localhost"], DnsPolicy(resolv_conf=str(conf), **FAST), log[0])
+    got = resolve_hosts(["localhost"], replace(FAST, resolv_conf=str(conf)), log[0])
     assert got == {"localhost": "127.0.0.1"}
     assert f"the system resolver (no nameserver in {conf})" in log[1].lines[0]
 
@@ -355,7 +356,7 @@ def test_wait_reachable_waits_for_a_late_listener(log: tuple[logging.Logger, Log
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     try:
-        done = in_background(lambda: wait_reachable("algo-1", "127.0.0.1", port, 20, logger))  # type: ignore[arg-type,return-value]
+        done = in_background(lambda: wait_reachable("algo-1", "127.0.0.1", port, 20, logger))
         watch.wait_for(
             rf"waiting for algo-1 at 127.0.0.1:{port} to accept connections: "
             r"connection refused \(attempt 1, "
