@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import stat
+import struct
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -65,6 +66,40 @@ def iter_lines(stream: IO[bytes], chunk_size: int = DEFAULT_CHUNK_SIZE) -> Itera
             yield line[:-1] if line.endswith(b"\r") else line
     if pending:
         yield pending[:-1] if pending.endswith(b"\r") else pending
+
+
+RECORDIO_MAGIC = 0xCED7230A
+
+
+def iter_recordio(stream: IO[bytes]) -> Iterator[bytes]:
+    """Records of a ``RecordWrapperType: RecordIO`` channel (MXNet RecordIO framing).
+
+    Each part is: magic, a header with a 3-bit continuation flag and a 29-bit length, the
+    data, padding to 4 bytes; a record split in parts is joined back with the magic between.
+    """
+    record = b""
+    while True:
+        header = stream.read(8)
+        if not header:
+            if record:
+                raise ChannelError("RecordIO stream ended inside a multi-part record")
+            return
+        if len(header) < 8:
+            raise ChannelError(f"RecordIO stream ended inside a header ({len(header)} of 8 bytes)")
+        magic, lrec = struct.unpack("<II", header)
+        if magic != RECORDIO_MAGIC:
+            raise ChannelError(f"RecordIO: bad magic {magic:#010x} (expected {RECORDIO_MAGIC:#x})")
+        flag, length = lrec >> 29, lrec & ((1 << 29) - 1)
+        padded = (length + 3) & ~3
+        data = stream.read(padded)
+        if len(data) < padded:
+            raise ChannelError(f"RecordIO stream ended inside a record ({len(data)} of {padded})")
+        record += data[:length]
+        if flag in (0, 3):  # a whole record, or the last part of one
+            yield record
+            record = b""
+        else:
+            record += header[:4]
 
 
 # -- channels ------------------------------------------------------------------------------
@@ -216,6 +251,9 @@ class PipeEpoch:
 
     def iter_lines(self) -> Iterator[bytes]:
         return iter_lines(self.stream)
+
+    def iter_recordio(self) -> Iterator[bytes]:
+        return iter_recordio(self.stream)
 
     def __iter__(self) -> Iterator[bytes]:
         return self.iter_lines()

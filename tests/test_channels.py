@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from smdist import config
-from smdist.channels import ChannelError, PipeChannel, channel, channels, iter_lines
+from smdist.channels import (
+    RECORDIO_MAGIC,
+    ChannelError,
+    PipeChannel,
+    channel,
+    channels,
+    iter_lines,
+    iter_recordio,
+)
 
 # Stands in for SageMaker's pipe agent: epoch k is the FIFO <dir>/<name>_k, created only
 # after the previous epoch is over, after a delay (the next S3 stream being set up).
@@ -193,3 +202,33 @@ def test_bad_channel_input_gets_a_one_line_error_naming_where(tmp_path: Path) ->
 def test_iter_lines_handles_crlf_and_a_last_line_without_newline() -> None:
     data = b"a,1\r\nb,2\n\nlast"
     assert list(iter_lines(io.BytesIO(data), chunk_size=3)) == [b"a,1", b"b,2", b"", b"last"]
+
+
+def _recordio_part(data: bytes, flag: int = 0) -> bytes:
+    header = struct.pack("<II", RECORDIO_MAGIC, (flag << 29) | len(data))
+    return header + data + b"\0" * (-len(data) % 4)
+
+
+def test_recordio_records_are_unwrapped_and_split_records_joined() -> None:
+    magic = struct.pack("<I", RECORDIO_MAGIC)
+    stream = (
+        _recordio_part(b"")
+        + _recordio_part(b"a")
+        + _recordio_part(b"abcd")
+        + _recordio_part(b"abcde")
+        # A record that held the magic number twice, written as three parts.
+        + _recordio_part(b"head", 1)
+        + _recordio_part(b"mid", 2)
+        + _recordio_part(b"tail", 3)
+    )
+    assert list(iter_recordio(io.BytesIO(stream))) == [
+        b"",
+        b"a",
+        b"abcd",
+        b"abcde",
+        b"head" + magic + b"mid" + magic + b"tail",
+    ]
+    with pytest.raises(ChannelError, match=r"ended inside a record \(4 of 8\)"):
+        list(iter_recordio(io.BytesIO(_recordio_part(b"abcdefg")[:12])))
+    with pytest.raises(ChannelError, match="bad magic 0x00000000"):
+        list(iter_recordio(io.BytesIO(b"\0" * 8)))
