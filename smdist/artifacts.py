@@ -36,7 +36,8 @@ CHECKPOINT_DIR_ENV = "SMDIST_CHECKPOINT_DIR"
 TEMP_SUFFIX = ".smdist-tmp"
 _HASH_CHUNK = 1 << 20
 _STEP_RE = re.compile(r"^(?P<stem>.+)\.step-(?P<step>\d+)(?P<suffix>\.[^.]*)?$")
-_WRITE_MODES = ("w", "wb", "wt", "x", "xb", "xt")
+# No "a" (an atomic write replaces) and no "x" (a rename cannot promise exclusive creation).
+_WRITE_MODES = ("w", "wb", "wt")
 
 
 class ArtifactError(SmdistError, ValueError):
@@ -172,8 +173,6 @@ def atomic_open(target: Path, mode: str = "wb", encoding: str | None = None) -> 
         raise ArtifactError(
             f"mode {mode!r} for {target}: expected one of {', '.join(_WRITE_MODES)}"
         )
-    if mode.startswith("x") and target.exists():
-        raise FileExistsError(f"{target} exists (mode {mode!r})")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(target)
     # O_EXCL: never share a temp file; 0o666 so the umask decides, as for a plain open().
@@ -204,7 +203,7 @@ def _discard(mode: str) -> Iterator[IO[Any]]:
     # A non-writer still runs the user's writing code (so ranks stay in step), into /dev/null.
     if mode not in _WRITE_MODES:
         raise ArtifactError(f"mode {mode!r}: expected one of {', '.join(_WRITE_MODES)}")
-    with open(os.devnull, mode.replace("x", "w")) as f:
+    with open(os.devnull, mode) as f:
         yield f
 
 

@@ -17,11 +17,14 @@ class Entry:
     """``script`` (run through the bootstrap), ``module`` (``-m``) or ``program``."""
     target: str
     args: tuple[str, ...] = ()
+    given: str = ""
+    """As the user (or ``sagemaker_program``) wrote it: SM_USER_ENTRY_POINT, as the toolkit."""
 
     @property
     def name(self) -> str:
-        """SM_USER_ENTRY_POINT: the script's file name, the module, or the program."""
-        return os.path.basename(self.target) if self.kind != "module" else self.target
+        return self.given or (
+            os.path.basename(self.target) if self.kind != "module" else self.target
+        )
 
     @property
     def python(self) -> bool:
@@ -35,7 +38,7 @@ class Entry:
         return [self.target, *self.args]
 
     def with_args(self, extra: list[str]) -> Entry:
-        return Entry(self.kind, self.target, (*self.args, *extra))
+        return Entry(self.kind, self.target, (*self.args, *extra), self.given)
 
 
 def resolve(argv: list[str], base_dir: Path | None = None) -> Entry:
@@ -49,7 +52,7 @@ def resolve(argv: list[str], base_dir: Path | None = None) -> Entry:
     if argv[0] == "-m":
         if len(argv) < 2 or not argv[1]:
             raise EntryPointNotFound("-m needs a module name")
-        return Entry("module", argv[1], tuple(argv[2:]))
+        return Entry("module", argv[1], tuple(argv[2:]), argv[1])
     target, args = argv[0], tuple(argv[1:])
     path = Path(target)
     if base_dir is not None and not path.is_absolute():
@@ -58,14 +61,14 @@ def resolve(argv: list[str], base_dir: Path | None = None) -> Entry:
     if target.endswith(".py"):
         if not path.is_file():
             raise EntryPointNotFound(f"entry script {path} does not exist {where}".rstrip())
-        return Entry("script", str(path.resolve()), args)
+        return Entry("script", str(path.resolve()), args, target)
     if path.is_file() or "/" in target or base_dir is not None:
         if not path.is_file():
             raise EntryPointNotFound(f"entry program {path} does not exist {where}".rstrip())
         if not os.access(path, os.X_OK):
             raise EntryPointNotFound(f"entry program {path} is not executable (chmod +x it)")
-        return Entry("program", str(path.resolve()), args)
+        return Entry("program", str(path.resolve()), args, target)
     found = shutil.which(target)
     if found is None:
         raise EntryPointNotFound(f"entry program {target} not found on PATH")
-    return Entry("program", found, args)
+    return Entry("program", found, args, target)

@@ -718,7 +718,8 @@ def _other_lines(failures: Sequence[WorkerFailure], root: WorkerFailure | None) 
     if len(others) > 3:
         out.append(f"{len(others) - 3} more failed")
     if peers:
-        out.append(f"{len(peers)} rank(s) stopped as peers")
+        n = len(peers)
+        out.append(f"{n} other rank{'s' if n > 1 else ''} stopped after it (PeerFailure)")
     return out
 
 

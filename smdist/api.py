@@ -1,0 +1,266 @@
+"""The decorator and the ``Context`` a training function gets.
+
+Under ``smdist-run`` (or torchrun) the decorator initialises torch.distributed from the
+environment, binds the device by local rank, calls the function, and tears the group down.
+Run directly (``python train.py``, no launcher), it re-executes the script under the smdist
+agent, so both paths behave the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from smdist.config import decode_hyperparameter
+
+T = TypeVar("T")
+LAUNCHED_ENV = "SMDIST_AGENT_PID"
+
+
+def launched() -> bool:
+    """Started by smdist's agent, or by another launcher that set the rank variables."""
+    return LAUNCHED_ENV in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def _int_env(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _json_env(name: str, default: Any) -> Any:
+    try:
+        return json.loads(os.environ[name])
+    except (KeyError, ValueError):
+        return default
+
+
+@dataclass
+class Context:
+    """Who this worker is and where things go. ``repr`` is made for logs."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    hosts: tuple[str, ...]
+    current_host: str
+    device: Any
+    hyperparameters: dict[str, Any]
+    model_dir: Path
+    output_data_dir: Path
+    checkpoint_dir: Path
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _stop_hooks: list[Callable[[Context], None]] = field(default_factory=list, repr=False)
+    _stop_polled: bool = field(default=False, repr=False)
+    _distributed: bool = field(default=False, repr=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"Context(rank={self.rank}({self.world_size}), "
+            f"local_rank={self.local_rank}({self.local_world_size}), "
+            f"node={self.node_rank}({len(self.hosts)}), host={self.current_host}, "
+            f"device={self.device})"
+        )
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def channels(self) -> dict[str, Any]:
+        from smdist import channels
+
+        return dict(channels.channels())
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a stop was asked for (SIGTERM anywhere in the job), on every rank at
+        the same call: the ranks agree with one tiny all-reduce, so call it once per step."""
+        self._stop_polled = True
+        local = self._stop.is_set()
+        if not self._distributed:
+            return local
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=self._flag_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self._stop.set()
+        return bool(flag.item())
+
+    def _flag_device(self) -> Any:
+        return self.device
+
+    def on_stop(self, fn: Callable[[Context], None]) -> Callable[[Context], None]:
+        """Register a hook run once when the job is stopped (e.g. to save a checkpoint)."""
+        self._stop_hooks.append(fn)
+        return fn
+
+    def barrier(self) -> None:
+        if self._distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _run_stop_hooks(self) -> None:
+        hooks, self._stop_hooks = self._stop_hooks, []
+        for hook in hooks:
+            hook(self)
+
+
+def _control_action() -> str | None:
+    path = os.environ.get("SMDIST_CONTROL_FILE")
+    if not path:
+        return None
+    try:
+        action = json.loads(Path(path).read_text(encoding="utf-8")).get("action")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(action) if action else None
+
+
+class _StopWatcher:
+    """Turns the agent's SIGTERM into ``ctx.should_stop``.
+
+    A thread reads the signal wake-up fd, so it reacts even while the main thread is blocked
+    inside a collective: when the agent is aborting the job (a failure elsewhere) the worker
+    exits at once instead of waiting for a collective that will never complete.
+    """
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        self._old_handler = signal.signal(signal.SIGTERM, self._handler)
+        self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._watch, name="smdist-stop", daemon=True)
+        self._thread.start()
+
+    def _handler(self, _signum: int, _frame: object) -> None:
+        self.ctx._stop.set()
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                data = os.read(self._r, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            if signal.SIGTERM in data:
+                self.ctx._stop.set()
+                if _control_action() == "abort":
+                    sys.stderr.write("smdist: job aborted by the agent (a failure elsewhere)\n")
+                    sys.stderr.flush()
+                    os._exit(128 + signal.SIGTERM)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._old_fd)
+        signal.signal(signal.SIGTERM, self._old_handler)
+        os.close(self._w)
+
+
+def _device(local_rank: int) -> tuple[Any, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def init(*, timeout_s: float | None = None) -> Context:
+    """Initialise torch.distributed from the environment and describe this worker."""
+    import torch.distributed as dist
+
+    rank = _int_env("RANK", 0)
+    world = _int_env("WORLD_SIZE", 1)
+    local_rank = _int_env("LOCAL_RANK", 0)
+    device, backend = _device(local_rank)
+    distributed = dist.is_initialized()
+    if not distributed and "MASTER_ADDR" in os.environ:
+        kwargs: dict[str, Any] = {}
+        if timeout_s is not None:
+            kwargs["timeout"] = timedelta(seconds=timeout_s)
+        if backend == "nccl":
+            kwargs["device_id"] = device
+        dist.init_process_group(backend, rank=rank, world_size=world, **kwargs)
+        distributed = True
+    root = Path(os.environ.get("SMDIST_OPT_ML", "/opt/ml"))
+    current = os.environ.get("SM_CURRENT_HOST", "algo-1")
+    hps = _json_env("SM_HPS", {})
+    return Context(
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world,
+        local_world_size=_int_env("LOCAL_WORLD_SIZE", 1),
+        node_rank=_int_env("NODE_RANK", 0),
+        hosts=tuple(_json_env("SM_HOSTS", [current])),
+        current_host=current,
+        device=device,
+        hyperparameters={k: decode_hyperparameter(v) for k, v in hps.items()},
+        model_dir=Path(os.environ.get("SM_MODEL_DIR", root / "model")),
+        output_data_dir=Path(os.environ.get("SM_OUTPUT_DATA_DIR", root / "output" / "data")),
+        checkpoint_dir=Path(os.environ.get("SMDIST_CHECKPOINT_DIR", root / "checkpoints")),
+        _distributed=distributed,
+    )
+
+
+def _relaunch() -> None:
+    """No launcher: become ``smdist-run THIS_SCRIPT ARGS`` (same process, same pid)."""
+    script = os.path.abspath(sys.argv[0])
+    argv = [sys.executable, "-m", "smdist.cli", script, *sys.argv[1:]]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+
+
+class _Main:
+    """What ``@smdist.main`` returns: call it to run; ``.on_stop`` registers a stop hook."""
+
+    def __init__(self, fn: Callable[[Context], Any]) -> None:
+        functools.update_wrapper(self, fn)
+        self._fn = fn
+        self._hooks: list[Callable[[Context], None]] = []
+
+    def on_stop(self, hook: Callable[[Context], None]) -> Callable[[Context], None]:
+        self._hooks.append(hook)
+        return hook
+
+    def __call__(self) -> Any:
+        if not launched():
+            _relaunch()
+        ctx = init()
+        ctx._stop_hooks.extend(self._hooks)
+        watcher = _StopWatcher(ctx)
+        try:
+            result = self._fn(ctx)
+            if ctx._stop.is_set():
+                ctx._run_stop_hooks()
+            return result
+        finally:
+            watcher.close()
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group()
+
+
+def main(fn: Callable[[Context], Any]) -> _Main:
+    """``@smdist.main``: the training function receives a ``Context``."""
+    return _Main(fn)

@@ -1,0 +1,111 @@
+"""Shared test helpers: /opt/ml trees, running the real agent, awaiting files."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+SMDIST = [sys.executable, "-m", "smdist.cli"]
+TRAIN = [
+    sys.executable,
+    "-c",
+    "import sys; from smdist.cli import train_main; sys.exit(train_main())",
+]
+
+
+def make_tree(
+    root: Path,
+    current_host: str = "algo-1",
+    hosts: Sequence[str] | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    channels: Mapping[str, Any] | None = None,
+    resource_extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """An /opt/ml tree as SageMaker writes it (hyperparameter values as strings)."""
+    cfg = root / "input" / "config"
+    cfg.mkdir(parents=True, exist_ok=True)
+    resource = {"current_host": current_host, "hosts": list(hosts or [current_host])}
+    resource.update(resource_extra or {})
+    (cfg / "resourceconfig.json").write_text(json.dumps(resource))
+    if hyperparameters is not None:
+        (cfg / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+    if channels is not None:
+        (cfg / "inputdataconfig.json").write_text(json.dumps(channels))
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = dict(os.environ)
+    e.pop("SMDIST_OPT_ML", None)
+    e["PYTHONPATH"] = str(REPO)
+    e.update(extra)
+    return e
+
+
+def run(
+    args: Sequence[str], timeout: float = 120, **extra_env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the real agent to completion (the timeout only catches a hang)."""
+    return subprocess.run(
+        [*SMDIST, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env(**extra_env),
+        cwd=REPO,
+    )
+
+
+def start(args: Sequence[str], **extra_env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*SMDIST, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(**extra_env),
+        cwd=REPO,
+    )
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Await a condition the test cannot be told about directly (a file a worker writes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def write_script(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path
