@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -83,7 +83,7 @@ def dns() -> Iterator[DnsServer]:
         yield server
 
 
-def policy(server: DnsServer, timeout_s: float = 20.0, **kw: float) -> DnsPolicy:
+def policy(server: DnsServer, timeout_s: float = 20.0, **kw: Any) -> DnsPolicy:
     return replace(FAST, timeout_s=timeout_s, nameserver=server.endpoint, **kw)
 
 
