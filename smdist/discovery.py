@@ -68,7 +68,10 @@ class DnsPolicy:
         for name in ("timeout_s", "attempt_timeout_s", "initial_backoff_s", "max_backoff_s"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not value > 0:
-                raise ConfigError(f"DNS policy: {name} must be a positive number, got {value!r}")
+                flag = " (--dns-timeout)" if name == "timeout_s" else ""
+                raise ConfigError(
+                    f"DNS policy: {name}{flag} must be a positive number of seconds, got {value!r}"
+                )
         if self.max_backoff_s < self.initial_backoff_s:
             raise ConfigError(
                 f"DNS policy: max_backoff_s ({self.max_backoff_s}) is below "

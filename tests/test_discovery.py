@@ -334,7 +334,10 @@ def test_parse_nameserver_rejects_bad_input(text: str, why: str) -> None:
 
 
 def test_policy_rejects_nonsense() -> None:
-    with pytest.raises(ConfigError, match="timeout_s must be a positive number, got 0"):
+    with pytest.raises(
+        ConfigError,
+        match=r"timeout_s \(--dns-timeout\) must be a positive number of seconds, got 0",
+    ):
         DnsPolicy(timeout_s=0)
     with pytest.raises(ConfigError, match="max_backoff_s"):
         DnsPolicy(initial_backoff_s=3, max_backoff_s=1)
