@@ -15,7 +15,6 @@ from pathlib import Path
 from smdist import config as cfg
 from smdist import entry as entries
 from smdist import failure, sm_env, topology
-from smdist.backends import torch as torch_backend
 from smdist.errors import SmdistError
 from smdist.log import log, setup
 from smdist.rendezvous import JobPlan, RendezvousSettings, rendezvous
@@ -29,7 +28,8 @@ class AgentOptions:
     entry_base_dir: Path | None = None
     """Relative entry paths are relative to this (the ``train`` entry: /opt/ml/code)."""
     nproc_per_host: str = "auto"
-    backend: str = "torch"
+    backend: str | None = None
+    """torch or mpi; None: mpi when the sagemaker_mpi_enabled hyperparameter is true."""
     rdzv: RendezvousSettings = field(default_factory=RendezvousSettings)
     dns_timeout_s: float = 900.0
     nameserver: str | None = None
@@ -79,13 +79,13 @@ def _resolve_addresses(opts: AgentOptions, config: cfg.JobConfig) -> dict[str, s
     return discovery.resolve_hosts(hosts, policy, log)
 
 
-def _log_plan(opts: AgentOptions, config: cfg.JobConfig, plan: JobPlan, entry: str) -> None:
+def _log_plan(opts: AgentOptions, backend: str, plan: JobPlan, entry: str) -> None:
     r = opts.rdzv
     log.info(
         "job: %d host(s), world size %d, backend %s, entry %s",
         len(plan.layout.slots),
         plan.layout.world_size,
-        opts.backend,
+        backend,
         entry,
     )
     for line in plan.layout.describe():
@@ -115,9 +115,16 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     nproc = topology.processes_per_host(opts.nproc_per_host, gpus)
     if opts.nproc_per_host == "auto":
         log.info("processes per host: %d (%d GPU(s) visible)", nproc, gpus)
+    backend_name = opts.backend or (
+        "mpi" if config.framework_parameters.get("sagemaker_mpi_enabled") is True else "torch"
+    )
+    if backend_name == "mpi":
+        from smdist.backends import mpi as backend
+    else:
+        from smdist.backends import torch as backend  # type: ignore[no-redef]
     addresses = _resolve_addresses(opts, config)
     plan, coordinator = rendezvous(res.current_host, res.hosts, nproc, addresses, opts.rdzv)
-    _log_plan(opts, config, plan, entry.target)
+    _log_plan(opts, backend_name, plan, entry.target)
     for d in (config.paths.model_dir, config.paths.output_data_dir):
         d.mkdir(parents=True, exist_ok=True)
     env_sm = sm_env.sm_environment(
@@ -125,16 +132,15 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     )
     run_dir = Path(tempfile.mkdtemp(prefix="smdist-"))
     try:
-        specs = torch_backend.worker_specs(
-            entry, plan, res.current_host, os.environ, env_sm, run_dir, config.paths.root
-        )
+        specs = backend.worker_specs(entry, plan, config, os.environ, env_sm, run_dir)
         supervisor = Supervisor(
             res.current_host,
             specs,
             coordinator,
             grace_s=opts.grace_s,
             abort_grace_s=opts.abort_grace_s,
-            barrier_timeout_s=opts.barrier_timeout_s,
+            # Hosts without workers of their own (MPI) wait for the master's run.
+            barrier_timeout_s=opts.barrier_timeout_s if specs else None,
         )
         try:
             outcome = supervisor.run()

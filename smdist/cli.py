@@ -59,7 +59,11 @@ def _parser(prog: str, with_entry: bool) -> argparse.ArgumentParser:
         metavar="auto|N",
         help="workers per host (auto: one per GPU, 1 on CPU)",
     )
-    p.add_argument("--backend", choices=("torch",), default="torch")
+    p.add_argument(
+        "--backend",
+        choices=("torch", "mpi"),
+        help="torch, or mpi (the default when the sagemaker_mpi_enabled hyperparameter is true)",
+    )
     p.add_argument(
         "--simulate", metavar="HxP", help="run H simulated hosts x P processes on this machine"
     )
@@ -167,12 +171,13 @@ def _launch(ns: argparse.Namespace, entry: list[str], base_dir: Path | None) -> 
 def _agent_flags(ns: argparse.Namespace) -> list[str]:
     """The flags each simulated host's agent gets (the rest is the simulation's to choose)."""
     flags = [
-        "--backend", ns.backend,
         "--rdzv-timeout", str(ns.rdzv_timeout),
         "--heartbeat-timeout", str(ns.heartbeat_timeout),
         "--grace", str(ns.grace),
         "--abort-grace", str(ns.abort_grace),
     ]  # fmt: skip
+    if ns.backend:
+        flags += ["--backend", ns.backend]
     if ns.no_hyperparameter_args:
         flags.append("--no-hyperparameter-args")
     return flags

@@ -135,7 +135,7 @@ class Supervisor:
         *,
         grace_s: float,
         abort_grace_s: float,
-        barrier_timeout_s: float,
+        barrier_timeout_s: float | None,
     ) -> None:
         self.host = host
         self.specs = list(specs)
@@ -335,7 +335,11 @@ class Supervisor:
                 if state == "running":
                     self.coordinator.finished()
                     state = "barrier"
-                    deadline = time.monotonic() + self.barrier_timeout_s
+                    deadline = (
+                        None
+                        if self.barrier_timeout_s is None
+                        else time.monotonic() + self.barrier_timeout_s
+                    )
                 if state == "barrier":
                     if self.coordinator.all_done():
                         return Outcome(0, None, (), stopped=False)
@@ -344,7 +348,7 @@ class Supervisor:
                     if deadline is not None and time.monotonic() >= deadline:
                         log.warning(
                             "exit barrier: other hosts did not finish within %.0f s; leaving",
-                            self.barrier_timeout_s,
+                            self.barrier_timeout_s or 0.0,
                         )
                         return Outcome(0, None, (), stopped=False)
                     continue

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from smdist.config import JobConfig
 from smdist.entry import Entry
 from smdist.rendezvous import JobPlan
 from smdist.supervisor import WorkerSpec
@@ -26,14 +27,14 @@ RANK_VARIABLES = (
 def worker_specs(
     entry: Entry,
     plan: JobPlan,
-    host: str,
+    config: JobConfig,
     base_env: Mapping[str, str],
     sm_env: Mapping[str, str],
     run_dir: Path,
-    opt_ml_root: Path,
 ) -> list[WorkerSpec]:
     """One spec per local rank: SageMaker variables the user did not set, then the ranks."""
-    slot = plan.layout.slot(host)
+    slot = plan.layout.slot(config.resource.current_host)
+    opt_ml_root = config.paths.root
     specs = []
     for local_rank, rank in enumerate(slot.ranks):
         env = dict(base_env)
