@@ -29,7 +29,7 @@ def _key(name: str) -> str:
 
 class _UDPServer(socketserver.ThreadingUDPServer):
     daemon_threads = True
-    allow_reuse_address = True
+    allow_reuse_address = False  # on UDP it would let two servers share a port silently
     dns: DnsServer
 
 

@@ -6,6 +6,7 @@ No resolver is patched: dnspython sends real UDP queries to the server the test 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import sys
@@ -268,7 +269,8 @@ def test_resolv_conf_without_nameserver_falls_back_to_the_system_resolver(
 def test_resolv_conf_nameserver_and_search_list_are_used(
     tmp_path: Path, log: tuple[logging.Logger, LogWatch]
 ) -> None:
-    address = "127.53.0.1"  # resolv.conf has no port: the server must own port 53
+    # resolv.conf has no port: the server must own port 53, on an address of its own.
+    address = f"127.53.{os.getpid() >> 8 & 255}.{os.getpid() & 255 or 1}"
     try:
         server = DnsServer(address, 53)
     except PermissionError:
