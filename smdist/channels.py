@@ -217,11 +217,18 @@ def open_pipe(path: Path, epoch: int = 0, wait_s: float = DEFAULT_PIPE_WAIT_S) -
             poller = select.poll()
             poller.register(fd, select.POLLIN | select.POLLHUP)
             deadline = time.monotonic() + wait_s
-            while not poller.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            logged = False
+            while True:
+                left = deadline - time.monotonic()
+                if poller.poll(max(0, int(min(left, 1.0) * 1000))):
+                    break
                 if time.monotonic() >= deadline:
                     raise ChannelError(
                         f"pipe {path}: no writer sent data within {wait_s:g} s of opening it"
                     )
+                if not logged:
+                    log.info("waiting up to %.0f s for the writer of pipe %s", wait_s, path)
+                    logged = True
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
         raw = io.FileIO(fd, "rb", closefd=True)
