@@ -286,7 +286,11 @@ def test_resolv_conf_nameserver_and_search_list_are_used(
 
 
 def test_nameserver_by_ipv6_address_and_by_name(log: tuple[logging.Logger, LogWatch]) -> None:
-    with DnsServer("::1") as dns:
+    try:
+        server6 = DnsServer("::1")
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback (::1)")
+    with server6 as dns:
         dns.add("algo-1", a="10.0.0.1")
         ns = parse_nameserver(f"[::1]:{dns.port}")
         assert resolve_hosts(["algo-1"], DnsPolicy(nameserver=ns), log[0]) == {"algo-1": "10.0.0.1"}
