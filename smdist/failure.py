@@ -456,7 +456,8 @@ def _classify_record(rec: Mapping[str, Any], memory: MemoryStats | None) -> Clas
             else "Load data in chunks or stream it (Pipe/FastFile input mode), lower the batch "
             "size, or pick an instance type with more memory."
         )
-        mem = memory.describe() if memory and not cuda else None
+        # A peak without a limit says little about a MemoryError (often a ulimit).
+        mem = memory.describe() if memory and memory.limit and not cuda else None
         return Classification(
             Category.OUT_OF_MEMORY,
             reason + at,
