@@ -447,7 +447,7 @@ def resolve_hosts(hosts: Sequence[str], policy: DnsPolicy, log: logging.Logger) 
             len(states),
             shown,
             more,
-            state.upcoming_sleep,
+            state.next_action.sleep if state.next_action else 0.0,
         )
 
     retrying = Retrying(
