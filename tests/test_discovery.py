@@ -372,6 +372,8 @@ def test_wait_reachable_waits_for_a_late_listener(log: tuple[logging.Logger, Log
         )
         sock.listen()
         done.result(timeout=20)
+        sock.settimeout(5)
+        sock.accept()[0].close()  # the connection that succeeded is really there
     finally:
         sock.close()
 
