@@ -11,14 +11,56 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from smdist.api import Context, init, main
+    from smdist.artifacts import (
+        checkpoint_path,
+        latest_checkpoint,
+        model_path,
+        open_checkpoint_file,
+        open_model_file,
+        save,
+        save_checkpoint,
+    )
+    from smdist.channels import channel
+    from smdist.failure import fail
 
-__all__ = ["Context", "__version__", "init", "main"]
+_API = ("main", "init", "Context", "launched")
+_ARTIFACTS = (
+    "model_path",
+    "open_model_file",
+    "save",
+    "checkpoint_path",
+    "open_checkpoint_file",
+    "save_checkpoint",
+    "latest_checkpoint",
+)
+
+__all__ = [
+    "Context",
+    "__version__",
+    "channel",
+    "checkpoint_path",
+    "fail",
+    "init",
+    "latest_checkpoint",
+    "main",
+    "model_path",
+    "open_checkpoint_file",
+    "open_model_file",
+    "save",
+    "save_checkpoint",
+]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: `import smdist` in the agent and the bootstrap must not pull in torch.
-    if name in ("main", "init", "Context", "launched"):
-        from smdist import api
+    import importlib
 
-        return getattr(api, name)
+    if name in _API:
+        return getattr(importlib.import_module("smdist.api"), name)
+    if name in _ARTIFACTS:
+        return getattr(importlib.import_module("smdist.artifacts"), name)
+    if name == "channel":
+        return importlib.import_module("smdist.channels").channel
+    if name == "fail":
+        return importlib.import_module("smdist.failure").fail
     raise AttributeError(f"module 'smdist' has no attribute {name!r}")

@@ -17,7 +17,7 @@ from smdist import entry as entries
 from smdist import failure, sm_env, topology
 from smdist.errors import SmdistError
 from smdist.log import log, setup
-from smdist.rendezvous import JobPlan, RendezvousSettings, rendezvous
+from smdist.rendezvous import JobEvent, JobPlan, RendezvousSettings, rendezvous
 from smdist.supervisor import Outcome, Supervisor
 
 
@@ -123,7 +123,9 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     else:
         from smdist.backends import torch as backend  # type: ignore[no-redef]
     addresses = _resolve_addresses(opts, config)
-    plan, coordinator = rendezvous(res.current_host, res.hosts, nproc, addresses, opts.rdzv)
+    plan, coordinator = rendezvous(
+        res.current_host, res.hosts, nproc, addresses, opts.rdzv, check_outputs=_check_model_dirs
+    )
     _log_plan(opts, backend_name, plan, entry.target)
     for d in (config.paths.model_dir, config.paths.output_data_dir):
         d.mkdir(parents=True, exist_ok=True)
@@ -141,6 +143,7 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
             abort_grace_s=opts.abort_grace_s,
             # Hosts without workers of their own (MPI) wait for the master's run.
             barrier_timeout_s=opts.barrier_timeout_s if specs else None,
+            on_finished=lambda: _model_dir_inventory(config),
         )
         try:
             outcome = supervisor.run()
@@ -149,6 +152,37 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
         return _report(config, outcome, started)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _model_dir_inventory(config: cfg.JobConfig) -> str:
+    """This host's /opt/ml/model as the master's clash check reads it (workers are done)."""
+    from smdist import artifacts
+
+    for d in (config.paths.model_dir, config.paths.checkpoints_dir):
+        for path in artifacts.remove_temp_files(d):
+            log.info("removed %s, left by a write that never finished", path)
+    inventory = artifacts.inventory(config.paths.model_dir)
+    return artifacts.encode_inventory(inventory).decode()
+
+
+def _check_model_dirs(inventories: Mapping[str, str]) -> JobEvent | None:
+    """Master, at the exit barrier: two hosts must not write the same path in the model dir
+    (SageMaker's model.tar.gz would keep only one of them, silently)."""
+    from smdist import artifacts
+
+    try:
+        decoded = {h: artifacts.decode_inventory(v.encode(), h) for h, v in inventories.items()}
+        warnings = artifacts.check_clashes(decoded)
+    except SmdistError as exc:
+        log.error("%s", exc.headline())
+        return JobEvent(kind="failure", host="", headline=exc.headline(), exit_code=exc.exit_code)
+    for clash in warnings:
+        log.warning(
+            "model dir: %s is on hosts %s with the same content; model.tar.gz keeps one copy",
+            clash.path,
+            ", ".join(clash.hosts),
+        )
+    return None
 
 
 def _report(config: cfg.JobConfig, outcome: Outcome, started: float) -> int:

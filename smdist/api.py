@@ -110,6 +110,33 @@ class Context:
         self._stop_hooks.append(fn)
         return fn
 
+    # -- /opt/ml/model and /opt/ml/checkpoints, rank-aware (see smdist.artifacts) -------
+    @property
+    def artifacts(self) -> Any:
+        from smdist.artifacts import Artifacts, WorkerIdentity
+
+        who = WorkerIdentity(self.rank, self.local_rank, self.current_host)
+        return Artifacts(self.model_dir, self.checkpoint_dir, who)
+
+    def model_path(self, name: str, scope: str = "leader") -> Path | None:
+        path: Path | None = self.artifacts.model_path(name, scope)
+        return path
+
+    def open_model_file(self, name: str, mode: str = "wb", scope: str = "leader") -> Any:
+        return self.artifacts.open_model_file(name, mode, scope)
+
+    def save(self, obj: Any, name: str, scope: str = "leader") -> Path | None:
+        path: Path | None = self.artifacts.save(obj, name, scope)
+        return path
+
+    def save_checkpoint(self, obj: Any, name: str = "checkpoint.pt", **kw: Any) -> Path | None:
+        path: Path | None = self.artifacts.save_checkpoint(obj, name, **kw)
+        return path
+
+    def latest_checkpoint(self, name: str | None = None, scope: str = "leader") -> Path | None:
+        path: Path | None = self.artifacts.latest_checkpoint(name, scope)
+        return path
+
     def barrier(self) -> None:
         if self._distributed:
             import torch.distributed as dist

@@ -24,6 +24,8 @@ from smdist.topology import Layout, build_layout, master_host, sorted_hosts
 
 ABORT = "abort"
 ALL_DONE = "alldone"
+FINISHED_ALL = "finishedall"
+INVENTORY = "inventory/"
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,9 @@ class Coordinator(Protocol):
 
     def start_watch(self, notify: Callable[[], None]) -> None: ...
 
-    def finished(self) -> None:
-        """This host's workers all exited 0: enter the exit barrier."""
+    def finished(self, inventory: str = "{}") -> None:
+        """This host's workers all exited 0: enter the exit barrier with its model-dir
+        inventory (checked for clashes between hosts before the job may succeed)."""
 
     def all_done(self) -> bool: ...
 
@@ -96,7 +99,7 @@ class LocalCoordinator:
     def start_watch(self, notify: Callable[[], None]) -> None:
         pass
 
-    def finished(self) -> None:
+    def finished(self, inventory: str = "{}") -> None:
         self._done = True
 
     def all_done(self) -> bool:
@@ -160,6 +163,7 @@ def rendezvous(
     nproc: int,
     addresses: Mapping[str, str],
     settings: RendezvousSettings,
+    check_outputs: Callable[[Mapping[str, str]], JobEvent | None] | None = None,
 ) -> tuple[JobPlan, Coordinator]:
     """Meet the other hosts' agents; return the job's plan and its coordinator."""
     ordered = sorted_hosts(hosts)
@@ -213,7 +217,9 @@ def rendezvous(
             server.close()
         raise
     layout = build_layout(plan["nproc"])
-    coordinator = StoreCoordinator(current_host, layout, ctl, watch, server, settings)
+    coordinator = StoreCoordinator(
+        current_host, layout, ctl, watch, server, settings, check_outputs
+    )
     return JobPlan(layout, master_addr, int(plan["master_port"])), coordinator
 
 
@@ -228,6 +234,7 @@ class StoreCoordinator:
         watch: StoreClient,
         server: StoreServer | None,
         settings: RendezvousSettings,
+        check_outputs: Callable[[Mapping[str, str]], JobEvent | None] | None = None,
     ) -> None:
         self.host = host
         self.layout = layout
@@ -239,6 +246,7 @@ class StoreCoordinator:
         self._all_done = False
         self._closing = threading.Event()
         self._lock = threading.Lock()
+        self._check_outputs = check_outputs
 
     def _set_event(self, event: JobEvent) -> JobEvent:
         with self._lock:
@@ -261,12 +269,23 @@ class StoreCoordinator:
         with self._lock:
             return self._all_done
 
-    def finished(self) -> None:
+    def finished(self, inventory: str = "{}") -> None:
         try:
+            self._ctl.set(INVENTORY + self.host, inventory)
             if self._ctl.add("finished", 1) == len(self.layout.slots):
-                self._ctl.set(ALL_DONE, "1")
+                self._ctl.set(FINISHED_ALL, "1")
         except StoreUnavailable as exc:
             self._lost(self.layout.master, str(exc))
+
+    def _verdict(self) -> None:
+        """Master only, once every host finished: check the model dirs, then release all."""
+        items = self._watch.prefix(INVENTORY)
+        inventories = {k.removeprefix(INVENTORY): v for k, v in items.items()}
+        event = self._check_outputs(inventories) if self._check_outputs else None
+        if event is not None:
+            self.report(event)
+        else:
+            self._watch.set(ALL_DONE, "1")
 
     def start_watch(self, notify: Callable[[], None]) -> None:
         thread = threading.Thread(
@@ -289,13 +308,26 @@ class StoreCoordinator:
     def _watch_loop(self, notify: Callable[[], None]) -> None:
         s = self._settings
         peers = [h for h in self.layout.hosts if h != self.host]
+        verdict_given = False
         last_seen: dict[str, tuple[str | None, float]] = {
             h: (None, time.monotonic()) for h in peers
         }
         while not self._closing.is_set():
             try:
                 self._watch.add(f"hb/{self.host}", 1)
-                if self._watch.wait([ABORT, ALL_DONE], s.heartbeat_interval_s, all_keys=False):
+                keys = [ABORT, ALL_DONE]
+                if self._server is not None and not verdict_given:
+                    keys.append(FINISHED_ALL)
+                if self._watch.wait(keys, s.heartbeat_interval_s, all_keys=False):
+                    if (
+                        self._server is not None
+                        and not verdict_given
+                        and self._watch.get(ABORT) is None
+                        and self._watch.get(ALL_DONE) is None
+                    ):
+                        verdict_given = True
+                        self._verdict()
+                        continue
                     abort = self._watch.get(ABORT)
                     if abort is not None:
                         self._set_event(JobEvent.from_json(abort))

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -136,6 +136,7 @@ class Supervisor:
         grace_s: float,
         abort_grace_s: float,
         barrier_timeout_s: float | None,
+        on_finished: Callable[[], str] | None = None,
     ) -> None:
         self.host = host
         self.specs = list(specs)
@@ -143,6 +144,7 @@ class Supervisor:
         self.grace_s = grace_s
         self.abort_grace_s = abort_grace_s
         self.barrier_timeout_s = barrier_timeout_s
+        self.on_finished = on_finished
         self.workers: list[Worker] = []
         self._signals: list[int] = []
         self._wake_r, self._wake_w = os.pipe()
@@ -333,7 +335,7 @@ class Supervisor:
 
             if not self._live():
                 if state == "running":
-                    self.coordinator.finished()
+                    self.coordinator.finished(self.on_finished() if self.on_finished else "{}")
                     state = "barrier"
                     deadline = (
                         None
@@ -343,8 +345,9 @@ class Supervisor:
                 if state == "barrier":
                     if self.coordinator.all_done():
                         return Outcome(0, None, (), stopped=False)
-                    if self.coordinator.event() is not None:
-                        continue  # handled above on the next pass
+                    late = self.coordinator.event()
+                    if late is not None:  # e.g. a model-dir clash found at the barrier
+                        return self._outcome("aborting", late, failures)
                     if deadline is not None and time.monotonic() >= deadline:
                         log.warning(
                             "exit barrier: other hosts did not finish within %.0f s; leaving",

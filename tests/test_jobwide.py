@@ -1,0 +1,194 @@
+"""Job-wide control across hosts: fail-fast, lost hosts, coordinated SIGTERM, model-dir clashes.
+
+Real agents (one per simulated host, talking TCP on loopback), real workers, real gloo.
+Timings are printed, and asserted only as generous hang guards; bench/ measures them.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.helpers import free_port, make_tree, pid_alive, run, start, wait_for, write_script
+
+RAISE_IN_COLLECTIVE = """
+import os, time
+import torch, torch.distributed as dist
+
+def blocked_in_allreduce():
+    t = torch.ones(1)
+    dist.all_reduce(t)  # rank 3 never joins: only the launcher can end this
+
+dist.init_process_group("gloo")
+dist.barrier()
+if dist.get_rank() == 3:
+    with open(os.path.join({out!r}, "raised-at"), "w") as f:
+        f.write(repr(time.time()))
+    raise RuntimeError("bad batch on rank 3")
+blocked_in_allreduce()
+"""
+
+
+def _agents(
+    tmp_path: Path, hosts: list[str], script: Path, *flags: str
+) -> dict[str, subprocess.Popen[str]]:
+    port = free_port()
+    addresses = ",".join(f"{h}=127.0.0.1" for h in hosts)
+    return {
+        h: start(
+            [
+                "--opt-ml",
+                str(make_tree(tmp_path / h, h, hosts)),
+                "--rdzv-port",
+                str(port),
+                "--host-addresses",
+                addresses,
+                *flags,
+                str(script),
+            ]
+        )  # fmt: skip
+        for h in hosts
+    }
+
+
+def test_a_raise_on_one_rank_stops_every_host_and_names_the_root_cause(tmp_path: Path) -> None:
+    script = write_script(tmp_path / "job.py", RAISE_IN_COLLECTIVE.format(out=str(tmp_path)))
+    work = tmp_path / "work"
+    r = run(["--simulate", "2x2", "--work-dir", str(work), str(script)], timeout=120)
+    ended = time.time()
+    raised = float((tmp_path / "raised-at").read_text())
+    print(f"raise -> every agent gone: {ended - raised:.2f} s")
+    assert ended - raised < 15, "hang guard: peers must not wait for the collective's timeout"
+    assert r.returncode == 1, r.stderr
+    for host in ("algo-1", "algo-2"):
+        first = (work / host / "output" / "failure").read_text().splitlines()[0]
+        assert first.startswith("UserScriptError: RuntimeError: bad batch on rank 3"), first
+        assert "(host algo-2, rank 3, exit 1)" in first, first
+    # The hung ranks' stacks were dumped into their logs before they were stopped.
+    for rank, host in ((0, "algo-1"), (1, "algo-1"), (2, "algo-2")):
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith(f"[{host}/{rank}] ")]
+        assert any("in blocked_in_allreduce" in ln for ln in lines), f"no stack for rank {rank}"
+
+
+BLOCK = """
+import os, threading
+open(os.path.join({out!r}, "up-" + os.environ["RANK"]), "w").write(str(os.getpid()))
+threading.Event().wait()
+"""
+
+
+def test_a_host_that_vanishes_is_detected_by_missed_heartbeats(tmp_path: Path) -> None:
+    script = write_script(tmp_path / "block.py", BLOCK.format(out=str(tmp_path)))
+    hosts = ["algo-1", "algo-2", "algo-3"]
+    agents = _agents(tmp_path, hosts, script, "--heartbeat-timeout", "3")
+    pids = wait_for(
+        lambda: (
+            [int((tmp_path / f"up-{r}").read_text() or 0) for r in range(3)]
+            if all((tmp_path / f"up-{r}").exists() for r in range(3))
+            else None
+        ),
+        60,
+        "every worker up",
+    )
+    killed_at = time.monotonic()
+    agents["algo-3"].kill()  # like `docker kill`: no word from it; its worker dies with it
+    for h in ("algo-1", "algo-2"):
+        agents[h].communicate(timeout=60)
+        assert agents[h].returncode == 1
+        first = (tmp_path / h / "output" / "failure").read_text().splitlines()[0]
+        assert first.startswith("HostLost: host algo-3 stopped responding"), first
+    print(f"host killed -> survivors gone: {time.monotonic() - killed_at:.2f} s")
+    agents["algo-3"].communicate(timeout=10)
+    assert not any(pid_alive(p) for p in pids)
+
+
+def test_losing_the_master_host_stops_the_others_at_once(tmp_path: Path) -> None:
+    script = write_script(tmp_path / "block.py", BLOCK.format(out=str(tmp_path)))
+    hosts = ["algo-1", "algo-2"]
+    agents = _agents(tmp_path, hosts, script, "--heartbeat-timeout", "30")
+    wait_for(lambda: all((tmp_path / f"up-{r}").exists() for r in range(2)), 60, "workers up")
+    agents["algo-1"].kill()
+    agents["algo-2"].communicate(timeout=20)  # well under the 30 s heartbeat bound
+    assert agents["algo-2"].returncode == 1
+    first = (tmp_path / "algo-2" / "output" / "failure").read_text().splitlines()[0]
+    assert first.startswith("HostLost: host algo-1 stopped responding"), first
+
+
+STOPPABLE = """
+import json, os
+import torch, torch.distributed as dist
+import smdist
+
+@smdist.main
+def train(ctx):
+    step = 0
+    open(os.path.join({out!r}, f"up-{{ctx.rank}}"), "w").close()
+    while not ctx.should_stop:
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        step += 1
+    ctx.step = step
+
+@train.on_stop
+def checkpoint(ctx):
+    ctx.save_checkpoint({{"step": ctx.step}}, "state.pt", scope="rank")
+    with open(os.path.join({out!r}, f"hook-{{ctx.rank}}"), "w") as f:
+        json.dump({{"step": ctx.step}}, f)
+
+if __name__ == "__main__":
+    train()
+"""
+
+
+def test_sigterm_to_the_master_is_a_coordinated_checkpointed_stop(tmp_path: Path) -> None:
+    script = write_script(tmp_path / "stop.py", STOPPABLE.format(out=str(tmp_path)))
+    hosts = ["algo-1", "algo-2"]
+    agents = _agents(tmp_path, hosts, script, "--nproc-per-host", "2", "--no-hyperparameter-args")
+    wait_for(lambda: all((tmp_path / f"up-{r}").exists() for r in range(4)), 90, "ranks up")
+    stop_at = time.monotonic()
+    agents["algo-1"].send_signal(signal.SIGTERM)  # docker stop / StopTrainingJob on one host
+    errs = {h: a.communicate(timeout=60)[1] for h, a in agents.items()}
+    print(f"SIGTERM -> every agent gone: {time.monotonic() - stop_at:.2f} s")
+    assert {h: a.returncode for h, a in agents.items()} == {"algo-1": 0, "algo-2": 0}, errs
+    steps = {json.loads((tmp_path / f"hook-{r}").read_text())["step"] for r in range(4)}
+    assert len(steps) == 1, f"ranks stopped at different steps: {steps}"  # should_stop agreed
+    for rank, host in ((0, "algo-1"), (1, "algo-1"), (2, "algo-2"), (3, "algo-2")):
+        assert (tmp_path / host / "checkpoints" / f"rank-{rank}" / "state.pt").is_file()
+    for h in hosts:
+        assert not (tmp_path / h / "output" / "failure").exists()
+
+
+CLASH = """
+import os
+import smdist
+rank = int(os.environ["RANK"])
+if {direct}:
+    with open(os.path.join(os.environ["SM_MODEL_DIR"], "model.pt"), "w") as f:
+        f.write(f"weights from rank {{rank}}")
+else:
+    with smdist.open_model_file("model.pt", "w") as f:
+        f.write(f"weights from rank {{rank}}")
+"""
+
+
+def test_two_hosts_writing_the_same_model_file_fail_with_model_dir_clash(tmp_path: Path) -> None:
+    script = write_script(tmp_path / "clash.py", CLASH.format(direct=True))
+    work = tmp_path / "work"
+    r = run(["--simulate", "2x1", "--work-dir", str(work), str(script)], timeout=60)
+    assert r.returncode == 1, r.stderr
+    for host in ("algo-1", "algo-2"):
+        first = (work / host / "output" / "failure").read_text().splitlines()[0]
+        assert first.startswith("ModelDirClash:"), first
+        assert "model.pt on hosts algo-1, algo-2" in first
+
+
+def test_writing_through_the_api_leaves_one_model_file(tmp_path: Path) -> None:
+    script = write_script(tmp_path / "clash.py", CLASH.format(direct=False))
+    work = tmp_path / "work"
+    r = run(["--simulate", "2x2", "--work-dir", str(work), str(script)], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert (work / "algo-1" / "model" / "model.pt").read_text() == "weights from rank 0"
+    assert not any((work / "algo-2" / "model").iterdir())
