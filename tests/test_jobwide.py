@@ -49,7 +49,7 @@ def _agents(
                 *flags,
                 str(script),
             ]
-        )  # fmt: skip
+        )
         for h in hosts
     }
 
