@@ -112,6 +112,10 @@ def _describe(exc: BaseException) -> dict[str, Any]:
         "filename": _str_or_none(getattr(exc, "filename", None)),
         "filename2": _str_or_none(getattr(exc, "filename2", None)),
         "name": _str_or_none(getattr(exc, "name", None)),
+        # ImportError.path: the module that lacked a name (user code or a package?)
+        "import_path": _str_or_none(getattr(exc, "path", None))
+        if isinstance(exc, ImportError)
+        else None,
     }
 
 

@@ -263,6 +263,7 @@ _OOM_TEXT = re.compile(
     r"|HIP out of memory|out of memory on device|Cannot allocate memory",
     re.IGNORECASE,
 )
+_SO_TEXT = re.compile(r"([\w.+-]+\.so[\w.]*): cannot open shared object file")
 _ENOSPC_TEXT = re.compile(r"No space left on device|Disk quota exceeded", re.IGNORECASE)
 # Collective errors a worker sees when a *peer* died first: a victim, not a cause.
 _COMM_TEXT = re.compile(
@@ -483,7 +484,7 @@ def _classify_record(rec: Mapping[str, Any], memory: MemoryStats | None) -> Clas
             hint="Raise the training job's volume size (VolumeSizeInGB), delete intermediate "
             "files, or write large outputs to /opt/ml/model or /opt/ml/checkpoints.",
         )
-    if _is_import(rec):
+    if _is_import(rec) or _SO_TEXT.search(str(rec.get("message", ""))):
         return _classify_import(rec, where, at)
     if any(_is_eperm(e) for e in chain):
         cause = next(e for e in chain if _is_eperm(e))
@@ -504,8 +505,25 @@ def _classify_record(rec: Mapping[str, Any], memory: MemoryStats | None) -> Clas
 
 
 def _classify_import(rec: Mapping[str, Any], where: tuple[str, ...], at: str) -> Classification:
+    from smdist.bootstrap import is_user_file
+
     name = rec.get("name")
     message = _one_line(str(rec.get("message", "")), 200)
+    so = _SO_TEXT.search(message)
+    import_path = rec.get("import_path")
+    if rec.get("type") == "ImportError" and import_path and is_user_file(str(import_path)):
+        # `from model import Nett`: a typo or a circular import in the user's own code.
+        return Classification(Category.USER_SCRIPT_ERROR, f"ImportError: {message}{at}", where)
+    if so:
+        inner = [f for f in rec.get("frames") or () if isinstance(f, Mapping)]
+        via = next((f.get("code") for f in reversed(inner) if f.get("user")), None)
+        reason = f"native library {so.group(1)} is missing{at}"
+        hint = (
+            "Install the system package that provides it in the image (apt-get/yum), or use "
+            "a build of the Python package that bundles it (e.g. opencv-python-headless)."
+        )
+        details = (f"Import: {via}",) if via else ()
+        return Classification(Category.MISSING_DEPENDENCY, reason, where, hint, details)
     if rec.get("type") == "ModuleNotFoundError" and name:
         top = str(name).split(".")[0]
         pip = _PIP_NAMES.get(str(name), _PIP_NAMES.get(top, top))

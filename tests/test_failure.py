@@ -191,6 +191,27 @@ def test_missing_library_imported_by_a_local_module(workdir: Path, opt_ml: Paths
     assert "opencv-python" in text  # the pip name, not the module name
 
 
+def test_import_typo_in_local_code_is_a_script_error(workdir: Path, opt_ml: Paths) -> None:
+    (workdir / "model.py").write_text("class Net:\n    pass\n")
+    f = run_one(workdir, "import json\nfrom model import Nett\n")
+    d = report(opt_ml, [f], current_host="algo-2")
+    text = check_file(opt_ml, d, "UserScriptError", "algo-2", 5, 1)
+    assert "cannot import name 'Nett' from 'model'" in text.splitlines()[0]
+
+
+def test_missing_native_library(workdir: Path, opt_ml: Paths) -> None:
+    script = """\
+    import ctypes
+    cudnn = ctypes.CDLL("libsmdist_absent.so.8")  # as libraries load CUDA's .so files
+    """
+    f = run_one(workdir, script)
+    d = report(opt_ml, [f], current_host="algo-2")
+    text = check_file(opt_ml, d, "MissingDependency", "algo-2", 5, 1)
+    first = text.splitlines()[0]
+    assert "native library libsmdist_absent.so.8 is missing at train.py:2" in first
+    assert "system package" in text
+
+
 def test_memory_error_under_a_memory_limit(workdir: Path, opt_ml: Paths) -> None:
     def limit_memory() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
