@@ -488,8 +488,8 @@ def test_only_peer_stopped_workers_name_no_false_cause(workdir: Path, opt_ml: Pa
 
 def test_smdist_fail_keeps_the_users_reason(workdir: Path, opt_ml: Paths) -> None:
     script = """\
-    import smdist.failure
-    smdist.failure.fail("channel 'train' is empty: upload data to s3://bucket/train", 3)
+    import smdist
+    smdist.fail("channel 'train' is empty: upload data to s3://bucket/train", 3)
     """
     env = {"SM_OUTPUT_DIR": str(opt_ml.output_dir)}
     f = run_one(workdir, script, env=env)
@@ -502,6 +502,15 @@ def test_smdist_fail_keeps_the_users_reason(workdir: Path, opt_ml: Paths) -> Non
     assert d.exit_code == 3 and "train.py:2" in d.headline
     data = report_json(opt_ml)
     assert data["user_failure_file"] == user_text and data["failures"][0]["rank"] == 5
+
+
+def test_smdist_fail_first_rank_wins(tmp_path: Path, opt_ml: Paths) -> None:
+    env = {"SM_OUTPUT_DIR": str(opt_ml.output_dir)}
+    for rank, reason in [(0, "rank 0: labels missing"), (1, "rank 1: labels missing")]:
+        d = tmp_path / f"w{rank}"
+        d.mkdir()
+        run_one(d, f"import smdist\nsmdist.fail({reason!r})\n", rank=rank, env=env)
+    assert opt_ml.failure_file.read_text() == "rank 0: labels missing"
 
 
 def test_sys_exit_message_is_recorded(workdir: Path, opt_ml: Paths) -> None:
