@@ -58,6 +58,13 @@ def run(opts: AgentOptions) -> int:
         log.error("%s", exc.headline())
         failure.write_failure_file(paths, exc.headline() + "\n")
         return exc.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted before the workers started")
+        return 130
+    except Exception as exc:  # a bug in smdist: still leave a reason SageMaker can show
+        log.exception("smdist internal error")
+        failure.write_failure_file(paths, f"InternalError: {type(exc).__name__}: {exc}\n")
+        return 1
 
 
 def _resolve_addresses(opts: AgentOptions, config: cfg.JobConfig) -> dict[str, str]:
