@@ -629,10 +629,10 @@ def parse_stderr_traceback(lines: Sequence[str]) -> dict[str, Any] | None:
 
 def parse_faulthandler(lines: Sequence[str]) -> list[dict[str, Any]]:
     """The frames of faulthandler's crash dump in a stderr tail, outermost first."""
-    start = max(
-        (i for i, s in enumerate(lines) if "(most recent call first)" in s and "hread" in s),
-        default=-1,
-    )
+    headers = [i for i, s in enumerate(lines) if "(most recent call first)" in s]
+    current = [i for i in headers if lines[i].startswith("Current thread")]
+    # The crashing thread is "Current thread"; other threads' stacks are dumped beside it.
+    start = (current or headers or [-1])[-1]
     if start < 0:
         return []
     frames: list[dict[str, Any]] = []

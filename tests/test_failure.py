@@ -309,12 +309,14 @@ def test_disk_full_names_the_file_and_the_filesystem(workdir: Path, opt_ml: Path
 
 def test_segfault_is_killed_with_the_python_line(workdir: Path, opt_ml: Paths) -> None:
     script = """\
-    import ctypes
+    import ctypes, threading
 
     def parse(buf):
-        return ctypes.string_at(0)  # a native crash
+        return ctypes.string_at(0)  # a native crash, in a loader thread
 
-    parse(None)
+    t = threading.Thread(target=parse, args=(None,))
+    t.start()
+    t.join()
     """
     f = run_one(workdir, script)
     assert f.returncode == -signal.SIGSEGV
