@@ -20,7 +20,8 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from smdist.errors import RendezvousFailed
@@ -155,7 +156,7 @@ class StoreClient:
 
         policy = Retrying(
             stop=stop_after_delay(connect_timeout_s),
-            wait=wait_exponential_jitter(initial=0.05, max=2.0),
+            wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.05),
             retry=retry_if_exception_type(OSError),
             before_sleep=note,
             reraise=True,
