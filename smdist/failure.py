@@ -871,6 +871,15 @@ def _timings(failures: Sequence[WorkerFailure]) -> dict[str, Any]:
     }
 
 
+def clear_failure_files(paths: Paths) -> None:
+    """Remove a previous run's failure file and report (the agent, before workers start).
+
+    After this, a failure file that exists at ``report`` time is the user's own.
+    """
+    for path in (paths.failure_file, paths.output_data_dir / REPORT_NAME):
+        path.unlink(missing_ok=True)
+
+
 def _read_user_failure(paths: Paths) -> str | None:
     try:
         return paths.failure_file.read_text(encoding="utf-8", errors="replace")
