@@ -26,6 +26,7 @@ ABORT = "abort"
 ALL_DONE = "alldone"
 FINISHED_ALL = "finishedall"
 INVENTORY = "inventory/"
+PUBLISHED = "pub/"  # keys of Coordinator.publish, apart from the coordinator's own
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,12 @@ class Coordinator(Protocol):
 
     def all_done(self) -> bool: ...
 
+    def publish(self, key: str, value: str) -> None:
+        """Share ``key`` with every host's agent (e.g. a backend's readiness)."""
+
+    def wait_for(self, keys: Sequence[str], timeout_s: float) -> list[str]:
+        """Wait up to ``timeout_s`` for published ``keys``; return those still missing."""
+
     def close(self) -> None: ...
 
 
@@ -87,6 +94,7 @@ class LocalCoordinator:
     def __init__(self) -> None:
         self._event: JobEvent | None = None
         self._done = False
+        self._published: dict[str, str] = {}
 
     def report(self, event: JobEvent) -> JobEvent:
         if self._event is None:
@@ -104,6 +112,12 @@ class LocalCoordinator:
 
     def all_done(self) -> bool:
         return self._done
+
+    def publish(self, key: str, value: str) -> None:
+        self._published[key] = value
+
+    def wait_for(self, keys: Sequence[str], timeout_s: float) -> list[str]:
+        return [k for k in keys if k not in self._published]  # no one else could publish
 
     def close(self) -> None:
         pass
@@ -286,6 +300,16 @@ class StoreCoordinator:
             self.report(event)
         else:
             self._watch.set(ALL_DONE, "1")
+
+    def publish(self, key: str, value: str) -> None:
+        self._ctl.set(PUBLISHED + key, value)
+
+    def wait_for(self, keys: Sequence[str], timeout_s: float) -> list[str]:
+        full = [PUBLISHED + k for k in keys]
+        if self._ctl.wait(full, timeout_s):
+            return []
+        have = self._ctl.prefix(PUBLISHED)
+        return [k for k in keys if PUBLISHED + k not in have]
 
     def start_watch(self, notify: Callable[[], None]) -> None:
         thread = threading.Thread(
