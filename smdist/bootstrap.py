@@ -83,7 +83,7 @@ def _open_file_in_frames(tb: TracebackType | None) -> str | None:
     for frame in reversed(frames):
         for value in frame.f_locals.values():
             name = getattr(value, "name", None) if isinstance(value, io.IOBase) else None
-            if isinstance(name, str):
+            if isinstance(name, str) and not name.startswith("<"):  # not <stdout>
                 return name
     return None
 

@@ -171,12 +171,14 @@ def _is_local(base: Path, top: str) -> bool:
     )
 
 
-def scan_imports(script: Path) -> list[ImportSite]:
+def scan_imports(script: Path, local_root: Path | None = None) -> list[ImportSite]:
     """The non-local modules ``script`` and its local modules import (static: nothing runs).
 
-    Raises SyntaxError for a file that does not parse.
+    ``local_root``: where the worker's own modules live (first on its sys.path): the
+    script's directory, or the working directory for ``-m``. Raises SyntaxError for a
+    file that does not parse.
     """
-    base = script.resolve().parent
+    base = (local_root or script.parent).resolve()
     sites: list[ImportSite] = []
     queue = [script.resolve()]
     seen: set[Path] = set()
@@ -333,10 +335,10 @@ def check_entry(entry: Sequence[str], paths: Paths | None = None) -> tuple[Check
     return Check("entry point", "ok", f"{found.path}"), found
 
 
-def check_imports(script: Path) -> Check:
+def check_imports(script: Path, local_root: Path | None = None) -> Check:
     """Every module the script (and its local modules) imports is installed."""
     try:
-        sites = scan_imports(script)
+        sites = scan_imports(script, local_root)
     except SyntaxError as exc:
         where = f"{Path(exc.filename or script).name}:{exc.lineno}"
         return Check(
@@ -347,7 +349,7 @@ def check_imports(script: Path) -> Check:
         )
     except OSError as exc:
         return Check("imports", "fail", f"{script}: cannot be read: {exc.strerror}", None)
-    base = script.resolve().parent
+    base = (local_root or script.parent).resolve()
     missing: dict[str, list[ImportSite]] = {}
     checked: set[str] = set()
     for site in sites:
@@ -525,7 +527,8 @@ def quick_checks(config: JobConfig | Paths, entry: Sequence[str]) -> list[Check]
     entry_check, found = check_entry(entry, paths)
     checks.append(entry_check)
     if found is not None and found.kind != "program" and found.path is not None:
-        checks.append(check_imports(found.path))
+        root = Path.cwd() if found.kind == "module" else None  # as `python -m` puts it first
+        checks.append(check_imports(found.path, root))
     checks.append(check_writable(paths.model_dir, "model dir"))
     checks.append(check_writable(paths.output_dir, "output dir"))
     return checks

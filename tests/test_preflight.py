@@ -149,10 +149,14 @@ def test_entry_found_in_the_code_dir(code: Path, opt_ml: Paths) -> None:
 
 def test_module_entry(code: Path, opt_ml: Paths) -> None:
     write(code / "pkg" / "__init__.py", "import json\n")
-    write(code / "pkg" / "train.py", "import some_missing_library\n")
+    write(code / "pkg" / "util.py", "import json\nimport cv2\n")
+    write(code / "pkg" / "train.py", "from pkg.util import load\nimport some_missing_library\n")
     checks = by_name(quick_checks(opt_ml, ["-m", "pkg.train", "--lr", "0.1"]))
     assert checks["entry point"].detail.endswith("pkg/train.py")
-    assert checks["imports"].category == "MissingDependency"
+    imports = checks["imports"]
+    assert imports.category == "MissingDependency" and "pkg (" not in imports.detail
+    assert "cv2 (pkg/util.py:2)" in imports.detail
+    assert "some_missing_library (pkg/train.py:2)" in imports.detail
     missing = by_name(quick_checks(opt_ml, ["-m", "pkg.nothing"]))["entry point"]
     assert missing.category == "EntryPointNotFound" and "'pkg.nothing'" in missing.detail
 
