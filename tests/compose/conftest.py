@@ -1,0 +1,41 @@
+"""The compose tier: one private Docker engine and image for the whole session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# `compose` is not an installed package: import it from the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from compose.harness import Harness
+
+# (step or scenario, seconds), in the order they ran; printed at the end of the session.
+TIMINGS: list[tuple[str, float]] = []
+
+
+@pytest.fixture(scope="session")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    if os.geteuid() != 0:
+        pytest.skip("the compose tier installs packages and starts its own dockerd: run as root")
+    h = Harness.start(work_root=tmp_path_factory.mktemp("compose-jobs"))
+    try:
+        yield h
+    finally:
+        h.close()
+        TIMINGS.extend(h.timings)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not TIMINGS:
+        return
+    tr = terminalreporter
+    tr.write_sep("-", "compose tier timings")
+    width = max(len(name) for name, _ in TIMINGS)
+    for name, seconds in TIMINGS:
+        tr.write_line(f"{name:<{width}}  {seconds:7.1f} s")
+    tr.write_line(f"{'total':<{width}}  {sum(s for _, s in TIMINGS):7.1f} s")
