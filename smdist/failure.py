@@ -717,14 +717,21 @@ def _compose(
         lines.append(f"Full report: {report_path}")
     text = _clip(headline_, FAILURE_FILE_LIMIT)
     for line in lines:
-        room = FAILURE_FILE_LIMIT - len(text) - 1
-        if room >= min(len(line), 40):
+        room = FAILURE_FILE_LIMIT - _size(text) - 1
+        if room >= min(_size(line), 40):
             text += "\n" + _clip(line, room)
     return text
 
 
+def _size(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
 def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """At most ``limit`` UTF-8 bytes (so also characters), never half a character."""
+    if _size(text) <= limit:
+        return text
+    return text.encode("utf-8")[: limit - 3].decode("utf-8", errors="ignore") + "..."
 
 
 def _other_lines(failures: Sequence[WorkerFailure], root: WorkerFailure | None) -> list[str]:
@@ -769,7 +776,7 @@ def report(
     c: Classification | None = None
     if smdist_error is not None:
         category = smdist_error.category
-        head = f"{category}: {_one_line(str(smdist_error), 700)} (host {current_host})"
+        head = f"{category}: {_clip(_one_line(str(smdist_error), 700), 700)} (host {current_host})"
         exit_code = smdist_error.exit_code
     else:
         root = root_cause or choose_root_cause(failures)
@@ -781,7 +788,7 @@ def report(
             root, oom_kills=oom_kills, memory=memory
         )
         category = c.category
-        head = f"{category}: {_one_line(c.reason, 700)} ({_suffix(root)})"
+        head = f"{category}: {_clip(_one_line(c.reason, 700), 700)} ({_suffix(root)})"
         exit_code = root.exit_code or 1
     text = _compose(head, c, _other_lines(failures, root), report_path)
 
@@ -907,17 +914,23 @@ def write_failure_file(paths: Paths, text: str, *, overwrite_user: bool = False)
 
 
 def _write_failure_at(target: Path, text: str, *, exclusive: bool) -> bool:
-    if len(text) > FAILURE_FILE_LIMIT:
-        text = text[: FAILURE_FILE_LIMIT - 3] + "..."
+    data = _clip(text, FAILURE_FILE_LIMIT).encode("utf-8")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".failure.tmp{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         try:
-            if exclusive:
-                os.link(tmp, target)  # atomic, and fails if someone wrote it first
-            else:
+            if not exclusive:
                 os.replace(tmp, target)
+                return True
+            try:
+                os.link(tmp, target)  # atomic, and fails if someone wrote it first
+            except FileExistsError:
+                return False
+            except OSError:  # a filesystem without hard links
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
         finally:
             tmp.unlink(missing_ok=True)
     except OSError:

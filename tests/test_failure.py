@@ -539,7 +539,7 @@ def test_huge_message_and_deep_stack_fit_in_1024(workdir: Path, opt_ml: Paths) -
     script = """\
     def walk(n):
         if n == 0:
-            raise ValueError("bad row " + "x" * 5000)
+            raise ValueError("ligne invalide: " + "é" * 5000)
         return walk(n - 1)
     walk(500)
     """
@@ -547,6 +547,7 @@ def test_huge_message_and_deep_stack_fit_in_1024(workdir: Path, opt_ml: Paths) -
     d = report(opt_ml, [f], current_host="algo-2")
     text = check_file(opt_ml, d, "UserScriptError", "algo-2", 5, 1)
     assert "train.py:3 in walk" in text
+    assert len(opt_ml.failure_file.read_bytes()) <= FAILURE_FILE_LIMIT  # bytes, too
 
 
 def test_cuda_out_of_memory_message_is_out_of_memory(workdir: Path, opt_ml: Paths) -> None:
