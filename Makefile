@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/smdist-run --simulate 2x2 --work-dir .smdist-work/demo examples/train_ddp.py --epochs 3
 
+PY_DIRS := $(wildcard smdist tests bench compose launchers examples)
+
 lint: $(STAMP)
-	$(BIN)/ruff check smdist tests bench compose launchers examples
-	$(BIN)/ruff format --check smdist tests bench compose launchers examples
+	$(BIN)/ruff check $(PY_DIRS)
+	$(BIN)/ruff format --check $(PY_DIRS)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy smdist

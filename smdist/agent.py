@@ -137,7 +137,10 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     for d in (config.paths.model_dir, config.paths.output_data_dir):
         d.mkdir(parents=True, exist_ok=True)
     env_sm = sm_env.sm_environment(
-        config, entry_point=entry.name, num_gpus=gpus, num_cpus=os.cpu_count() or 1
+        config,
+        entry_point=_entry_point_name(config, entry),
+        num_gpus=gpus,
+        num_cpus=os.cpu_count() or 1,
     )
     run_dir = Path(tempfile.mkdtemp(prefix="smdist-"))
     try:
@@ -159,6 +162,20 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
         return _report(config, outcome, started)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _entry_point_name(config: cfg.JobConfig, entry: entries.Entry) -> str:
+    """SM_USER_ENTRY_POINT as the toolkit gives it: ``sagemaker_program`` when the job names
+    one, else the entry relative to /opt/ml/code when it lives there, else as given."""
+    program = config.framework_parameters.get("sagemaker_program")
+    if isinstance(program, str) and program:
+        return program
+    if entry.kind != "module":
+        try:
+            return str(Path(entry.target).relative_to(config.paths.code_dir.resolve()))
+        except ValueError:
+            pass
+    return entry.name
 
 
 def _model_dir_inventory(config: cfg.JobConfig) -> str:
