@@ -28,8 +28,13 @@ LAUNCHED_ENV = "SMDIST_AGENT_PID"
 
 
 def launched() -> bool:
-    """Started by smdist's agent, or by another launcher that set the rank variables."""
-    return LAUNCHED_ENV in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+    """Started by smdist's agent, by mpirun, or by another launcher that set the rank
+    variables."""
+    return (
+        LAUNCHED_ENV in os.environ
+        or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+        or "OMPI_COMM_WORLD_RANK" in os.environ
+    )
 
 
 def _int_env(name: str, default: int) -> int:
@@ -214,6 +219,10 @@ def init(*, timeout_s: float | None = None) -> Context:
     """Initialise torch.distributed from the environment and describe this worker."""
     import torch.distributed as dist
 
+    from smdist.backends.mpi_rank import world_from_mpi
+
+    for name, value in world_from_mpi(os.environ).items():  # plain `mpirun python train.py`
+        os.environ.setdefault(name, value)
     rank = _int_env("RANK", 0)
     world = _int_env("WORLD_SIZE", 1)
     local_rank = _int_env("LOCAL_RANK", 0)
