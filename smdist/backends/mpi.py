@@ -1,15 +1,275 @@
-"""The MPI backend (Open MPI's mpirun over ssh). Not built yet: see issue 9."""
+"""The MPI backend: the master's agent runs Open MPI's ``mpirun`` over ssh; the others keep
+sshd up and wait for the master's word through the rendezvous store.
+
+Every host's agent writes ``host.json`` (the environment a worker on that host gets: the
+container's variables, this host's SM_*, MASTER_ADDR/PORT) into one job directory whose path
+is the same on every host. mpirun forwards only that path (and what it needs to start
+Python); each rank's wrapper (``smdist.backends.mpi_rank``) loads its own host's file, so
+SM_CURRENT_HOST and friends are never the master's.
+
+The master's one worker is ``python -m smdist.backends.mpi``: it runs mpirun, relays each
+rank's output as ``[host/rank]``, and when mpirun fails it names the rank that failed first
+(from mpirun's own report) and writes that rank's error record as its error file.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import argparse
+import collections
+import contextlib
+import ctypes
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 from smdist.config import JobConfig
 from smdist.entry import Entry
-from smdist.errors import ConfigError
-from smdist.rendezvous import JobPlan
+from smdist.errors import ConfigError, RendezvousFailed, SmdistError
+from smdist.log import log
+from smdist.rendezvous import Coordinator, JobPlan
 from smdist.supervisor import WorkerSpec
+
+JOB_DIR_ENV = "SMDIST_MPI_JOB_DIR"
+FORWARDED_ENV = "SMDIST_MPI_FORWARDED"
+"""Variables the user forwarded with ``-x``: they win over each host's own values."""
+SSH_PORT_ENV = "SMDIST_SSH_PORT"
+SSHD_READY_KEY = "mpi/sshd/"
+HOST_FILE = "host.json"
+SSHD_WAIT_S = 300.0
+SSHD_START_S = 30.0
+# Open MPI's own variables must never travel from one host's agent to another's ranks.
+MPI_PREFIXES = ("OMPI_", "PMIX_", "OPAL_", "PRTE_", "ORTE_", "HYDRA_", "PMI_")
+# Needed before host.json can be read: where Python and smdist are.
+LAUNCH_VARIABLES = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV")
+NPROC_HP = "sagemaker_mpi_num_of_processes_per_host"
+CUSTOM_HP = "sagemaker_mpi_custom_mpi_options"
+TAIL_LINES = 60
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def ssh_port(environ: Mapping[str, str] | None = None) -> int:
+    env = os.environ if environ is None else environ
+    text = env.get(SSH_PORT_ENV, "22")
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ConfigError(f"{SSH_PORT_ENV}: expected a TCP port (1-65535), got {text!r}")
+    return int(text)
+
+
+# --- configuration ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MpiOptions:
+    nproc_per_host: int | None
+    """``sagemaker_mpi_num_of_processes_per_host``; None: the agent's count."""
+    custom: tuple[str, ...]
+    """``sagemaker_mpi_custom_mpi_options``, split like a shell would, never run by one."""
+
+
+def mpi_options(config: JobConfig) -> MpiOptions:
+    hp = config.framework_parameters
+    where = f"{config.paths.hyperparameters_file}: {{}}"
+    nproc = hp.get(NPROC_HP)
+    if nproc is not None and (isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1):
+        raise ConfigError(where.format(f"{NPROC_HP}: expected a positive integer, got {nproc!r}"))
+    custom = hp.get(CUSTOM_HP, "")
+    if not isinstance(custom, str):
+        raise ConfigError(where.format(f"{CUSTOM_HP}: expected a string, got {custom!r}"))
+    try:
+        parts = tuple(shlex.split(custom))
+    except ValueError as exc:
+        raise ConfigError(where.format(f"{CUSTOM_HP}: cannot split {custom!r}: {exc}")) from exc
+    return MpiOptions(nproc, parts)
+
+
+def forwarded_names(custom: Sequence[str]) -> list[str]:
+    """The variables named by ``-x NAME[=VALUE]`` in the user's mpirun options."""
+    names = []
+    for flag, value in itertools.pairwise(custom):
+        if flag == "-x":
+            names.append(value.split("=", 1)[0])
+    return names
+
+
+def mpirun_argv(
+    hosts: Sequence[tuple[str, int]],
+    rank_argv: Sequence[str],
+    *,
+    interface: str | None,
+    port: int,
+    custom: Sequence[str] = (),
+    forward: Sequence[str] = (),
+    as_root: bool = False,
+    mpirun: str = "mpirun",
+) -> list[str]:
+    """The mpirun command: every host with its slots, one rank per slot, over ssh.
+
+    ``interface`` None: one host, no network options (the ranks talk over shared memory).
+    """
+    ssh_args = (
+        f"-p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+        "-o BatchMode=yes -o LogLevel=ERROR -o ConnectTimeout=30"
+    )
+    argv = [mpirun]
+    if as_root:
+        argv.append("--allow-run-as-root")
+    argv += [
+        "-np", str(sum(n for _, n in hosts)),
+        "-H", ",".join(f"{h}:{n}" for h, n in hosts),
+        "--bind-to", "none",  # ranks bind their own GPU; MPI's core binding starves loaders
+        "--map-by", "slot",  # ranks contiguous per host, as the rank map says
+        "--tag-output",
+        "--mca", "orte_abort_on_non_zero_status", "1",
+        "--mca", "plm_rsh_agent", "ssh",
+        "--mca", "plm_rsh_args", ssh_args,
+        "--mca", "plm_rsh_no_tree_spawn", "1",
+        "--mca", "pml", "ob1",
+        "--mca", "btl", "^openib",
+    ]  # fmt: skip
+    if interface is not None:
+        argv += [
+            "--mca", "btl_tcp_if_include", interface,
+            "--mca", "oob_tcp_if_include", interface,
+        ]  # fmt: skip
+    for name in forward:
+        argv += ["-x", name]
+    argv += list(custom)
+    argv += list(rank_argv)
+    return argv
+
+
+# --- the agent's side -------------------------------------------------------------------
+
+
+def job_dir(plan: JobPlan) -> Path:
+    """The job's directory: the same path on every host, unique to this job on a machine."""
+    tag = re.sub(r"[^A-Za-z0-9.-]", "_", plan.master_addr)
+    return Path("/tmp") / f"smdist-mpi-{tag}-{plan.master_port}"
+
+
+def _link_job_dir(link: Path, target: Path) -> None:
+    """Point the job path at this agent's run dir (removed with it when the agent ends)."""
+    tmp = link.with_name(f"{link.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+def host_environment(
+    base_env: Mapping[str, str],
+    sm_env: Mapping[str, str],
+    plan: JobPlan,
+    config: JobConfig,
+    nproc: int,
+) -> dict[str, str]:
+    """What every rank on this host starts from: as a torch-backend worker here would."""
+    env = {k: v for k, v in base_env.items() if not k.startswith(MPI_PREFIXES)}
+    for name, value in sm_env.items():
+        env.setdefault(name, value)  # a variable the user set is never clobbered
+    if nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(
+        {
+            "MASTER_ADDR": plan.master_addr,
+            "MASTER_PORT": str(plan.master_port),
+            "SMDIST_AGENT_PID": str(os.getpid()),
+            "SMDIST_OPT_ML": str(config.paths.root),
+        }
+    )
+    return env
+
+
+def write_host_file(run_dir: Path, host: str, node_rank: int, env: Mapping[str, str]) -> None:
+    path = run_dir / HOST_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the env
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump({"host": host, "node_rank": node_rank, "env": dict(env)}, f)
+    os.replace(tmp, path)
+
+
+def _ssh_banner(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as s:
+            return s.recv(4).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def ensure_sshd(port: int | None = None, timeout_s: float = SSHD_START_S) -> str:
+    """Make sure an sshd answers on this host; start one if not. Returns what was done."""
+    port = ssh_port() if port is None else port
+    if _ssh_banner("127.0.0.1", port):
+        return f"sshd already answering on port {port}"
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not os.path.exists(sshd):
+        raise ConfigError(
+            "the MPI backend needs sshd on every host: install openssh-server in the image "
+            "(launchers/install-mpi.sh) and run launchers/sshd-setup.sh"
+        )
+    os.makedirs("/run/sshd", exist_ok=True)
+    if not any(Path("/etc/ssh").glob("ssh_host_*_key")):
+        subprocess.run(["ssh-keygen", "-A"], check=True, capture_output=True)
+    # sshd forks into the background itself; its exit status says whether it could.
+    r = subprocess.run([sshd, "-p", str(port)], capture_output=True, text=True)
+    if r.returncode != 0:
+        why = " ".join(r.stderr.split())[:300] or f"exit {r.returncode}"
+        raise ConfigError(f"cannot start sshd on port {port}: {why}")
+    deadline = time.monotonic() + timeout_s
+    while not _ssh_banner("127.0.0.1", port):
+        if time.monotonic() > deadline:
+            raise ConfigError(f"sshd started but did not answer on port {port} in {timeout_s} s")
+        time.sleep(0.1)
+    return f"started sshd on port {port}"
+
+
+def _wait_sshd_ready(
+    coordinator: Coordinator | None, hosts: Sequence[str], port: int, timeout_s: float
+) -> None:
+    """Master: bounded, logged wait until every other host says its sshd is up."""
+    if not hosts:
+        return
+    start = time.monotonic()
+    keys = [SSHD_READY_KEY + h for h in hosts]
+    missing = list(keys)
+    while True:
+        left = timeout_s - (time.monotonic() - start)
+        if coordinator is not None:
+            missing = coordinator.wait_for(missing, max(0.0, min(10.0, left)))
+        else:  # no store to hear from: ask the hosts' sshd directly
+            missing = [k for k in missing if not _ssh_banner(k.removeprefix(SSHD_READY_KEY), port)]
+            if missing and left > 0:
+                time.sleep(min(1.0, left))
+        names = [k.removeprefix(SSHD_READY_KEY) for k in missing]
+        if not missing:
+            log.info("sshd ready on %s", ", ".join(hosts))
+            return
+        if time.monotonic() - start >= timeout_s:
+            raise RendezvousFailed(
+                f"sshd did not become ready within {timeout_s:.0f} s on {', '.join(names)} "
+                "(mpirun needs it on every host)"
+            )
+        log.info(
+            "waiting for sshd on %s (%.0f s of %.0f s)",
+            ", ".join(names),
+            time.monotonic() - start,
+            timeout_s,
+        )
 
 
 def worker_specs(
@@ -19,5 +279,289 @@ def worker_specs(
     base_env: Mapping[str, str],
     sm_env: Mapping[str, str],
     run_dir: Path,
+    coordinator: Coordinator | None = None,
 ) -> list[WorkerSpec]:
-    raise ConfigError("--backend mpi: the MPI backend is not available in this build")
+    """Master: one spec, the mpirun launcher. Other hosts: none (sshd up, readiness told)."""
+    host = config.resource.current_host
+    layout = plan.layout
+    opts = mpi_options(config)
+    nprocs = {s.host: opts.nproc_per_host or s.nproc for s in layout.slots}
+    if opts.nproc_per_host is not None:
+        log.info("processes per host: %d (%s)", opts.nproc_per_host, NPROC_HP)
+    slot = layout.slot(host)
+    env = host_environment(base_env, sm_env, plan, config, nprocs[host])
+    write_host_file(run_dir, host, slot.node_rank, env)
+    link = job_dir(plan)
+    _link_job_dir(link, run_dir)
+    port = ssh_port(base_env)
+    others = [h for h in layout.hosts if h != host]
+    if host != layout.master:
+        log.info("MPI: %s; mpirun on %s starts this host's ranks", ensure_sshd(port), layout.master)
+        if coordinator is not None:
+            coordinator.publish(SSHD_READY_KEY + host, "1")
+        return []
+    _wait_sshd_ready(coordinator, others, port, SSHD_WAIT_S)
+    mpirun = shutil.which("mpirun", path=base_env.get("PATH"))
+    if mpirun is None:
+        raise ConfigError(
+            "--backend mpi: mpirun not found on PATH: install Open MPI (openmpi-bin; "
+            "launchers/install-mpi.sh)"
+        )
+    single = len(layout.slots) == 1
+    hosts = [("localhost" if single else h, nprocs[h]) for h in layout.hosts]
+    forwarded = forwarded_names(opts.custom)
+    launch_env = {k: v for k, v in base_env.items() if not k.startswith(MPI_PREFIXES)}
+    launch_env[JOB_DIR_ENV] = str(link)
+    launch_env[FORWARDED_ENV] = ",".join(forwarded)
+    if os.geteuid() == 0:  # SageMaker containers run as root; Open MPI refuses without these
+        launch_env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
+        launch_env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    forward = [JOB_DIR_ENV, FORWARDED_ENV, *(n for n in LAUNCH_VARIABLES if n in launch_env)]
+    rank_argv = [sys.executable, "-m", "smdist.backends.mpi_rank", *entry.argv()]
+    argv = mpirun_argv(
+        hosts,
+        rank_argv,
+        interface=None if single else config.resource.network_interface_name,
+        port=port,
+        custom=opts.custom,
+        forward=forward,
+        as_root=os.geteuid() == 0,
+        mpirun=mpirun,
+    )
+    log.info("mpirun: %s", shlex.join(argv))
+    error_file = run_dir / "mpirun.error.json"
+    layout_arg = ",".join(f"{h}:{nprocs[h]}" for h in layout.hosts)
+    launcher = [
+        sys.executable, "-m", "smdist.backends.mpi",
+        "--error-file", str(error_file),
+        "--job-dir", str(link),
+        "--hosts", layout_arg,
+        "--", *argv,
+    ]  # fmt: skip
+    return [
+        WorkerSpec(
+            rank=0,
+            local_rank=0,
+            argv=launcher,
+            env=launch_env,
+            python=False,  # the user's Python runs under mpirun, not as this process
+            error_file=error_file,
+            control_file=run_dir / "mpirun.control.json",
+        )
+    ]
+
+
+# --- the launcher: mpirun, its output, its verdict --------------------------------------
+
+# --tag-output marks every fragment a rank wrote (unbuffered Python writes many per line).
+_TAG = re.compile(rb"\[\d+,(\d+)\]<(stdout|stderr|stddiag)>:")
+# Open MPI 4: "Process name: [[48367,1],1]"; PRRTE (Open MPI 5): "[prterun-h-123@1,1]".
+_PROCESS = re.compile(r"Process name:\s*\[(?:\[[^\]]*\]|[^,\]]+),(\d+)\]")
+_EXIT = re.compile(r"Exit code:\s*(-?\d+)")
+_ABORTED = re.compile(
+    r"MPI_ABORT was invoked on rank (\d+) in communicator \S+.*?errorcode:?\s*(-?\d+)",
+    re.DOTALL | re.IGNORECASE,
+)
+_SIGNALLED = re.compile(
+    r"noticed that process rank (\d+) with PID \d+ on node (\S+) exited on signal (\d+)"
+)
+
+
+@dataclass(frozen=True)
+class RootCause:
+    """The rank mpirun reports as the first to fail."""
+
+    rank: int
+    host: str
+    local_rank: int
+    exit_code: int
+    signal: int | None = None
+
+    def describe(self) -> str:
+        how = f"killed by signal {self.signal}" if self.signal else f"exit {self.exit_code}"
+        return f"rank {self.rank} on {self.host} failed first ({how})"
+
+
+def parse_hosts(text: str) -> list[tuple[str, int]]:
+    out = []
+    for item in text.split(","):
+        host, _, n = item.rpartition(":")
+        if not host or not n.isdigit():
+            raise ValueError(f"--hosts: expected HOST:N[,HOST:N...], got {text!r}")
+        out.append((host, int(n)))
+    return out
+
+
+def place(hosts: Sequence[tuple[str, int]], rank: int) -> tuple[str, int]:
+    """Host and local rank of ``rank`` under ``--map-by slot``."""
+    first = 0
+    for host, n in hosts:
+        if rank < first + n:
+            return host, rank - first
+        first += n
+    return "?", 0
+
+
+def parse_root_cause(lines: Sequence[str], hosts: Sequence[tuple[str, int]]) -> RootCause | None:
+    """mpirun's report of the first rank that failed, in its Open MPI 4 or 5 wording."""
+    text = "\n".join(lines)
+    a = _ABORTED.search(text)
+    if a:  # an uncaught exception under mpi4py: the rank called MPI_Abort
+        rank = int(a.group(1))
+        host, local = place(hosts, rank)
+        return RootCause(rank, host, local, int(a.group(2)) or 1)
+    m = _PROCESS.search(text)
+    if m:
+        rank = int(m.group(1))
+        code = _EXIT.search(text, m.end())
+        host, local = place(hosts, rank)
+        return RootCause(rank, host, local, int(code.group(1)) if code else 1)
+    s = _SIGNALLED.search(text)
+    if s:
+        rank, sig = int(s.group(1)), int(s.group(3))
+        _, local = place(hosts, rank)
+        return RootCause(rank, s.group(2), local, 128 + sig, sig)
+    return None
+
+
+class _Relay:
+    """mpirun's output back into whole lines per rank, each as ``[host/rank] line``.
+
+    Open MPI tags each fragment of a rank's output, so one rank's line may arrive in pieces,
+    between pieces of other ranks' lines: the text after a tag belongs to that tag's rank
+    and the newline ends the line of the last tag before it.
+    """
+
+    def __init__(self, hosts: Sequence[tuple[str, int]]) -> None:
+        self.hosts = hosts
+        self.rank_tails: dict[int, collections.deque[str]] = {}
+        self.mpirun_tail: collections.deque[str] = collections.deque(maxlen=200)
+        self.lock = threading.Lock()
+
+    def _line(self, rank: int | None, stream: bytes, text: bytes) -> bytes:
+        decoded = text.decode("utf-8", "replace")[:1000]
+        with self.lock:
+            if rank is None:
+                self.mpirun_tail.append(decoded)
+                return text + b"\n"
+            if stream != b"stdout":
+                tail = self.rank_tails.setdefault(rank, collections.deque(maxlen=TAIL_LINES))
+                tail.append(decoded)
+        host, _ = place(self.hosts, rank)
+        return b"[%s/%d] %s\n" % (host.encode(), rank, text)
+
+    def run(self, src: IO[bytes], dst: IO[bytes]) -> None:
+        pending: dict[tuple[int, bytes], bytes] = {}
+        for raw in src:
+            line = raw[:-1] if raw.endswith(b"\n") else raw
+            parts = _TAG.split(line)
+            out = []
+            if parts[0]:  # before any tag: mpirun's own words
+                out.append(self._line(None, b"", parts[0]))
+            last: tuple[int, bytes] | None = None
+            for i in range(1, len(parts), 3):
+                last = (int(parts[i]), parts[i + 1])
+                pending[last] = pending.get(last, b"") + parts[i + 2]
+            if last is not None:
+                out.append(self._line(last[0], last[1], pending.pop(last)))
+            with contextlib.suppress(OSError, ValueError):
+                dst.write(b"".join(out))
+                dst.flush()
+        for (rank, stream), text in pending.items():
+            if text:
+                with contextlib.suppress(OSError, ValueError):
+                    dst.write(self._line(rank, stream, text))
+                    dst.flush()
+
+
+def _root_record(root: RootCause, job: Path, tail: Sequence[str]) -> dict[str, Any] | None:
+    """The failing rank's error record: its own file where it ran here, else its stderr."""
+    from smdist import failure
+
+    record: dict[str, Any] | None = None
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads((job / f"rank-{root.rank}.error.json").read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            record = data
+    if record is None:
+        record = failure.parse_stderr_traceback(list(tail))
+    if record is None:
+        return None
+    record.update(host=root.host, rank=root.rank, local_rank=root.local_rank)
+    return record
+
+
+def _pdeathsig() -> None:
+    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with this launcher
+
+
+def launch(argv: Sequence[str], hosts: Sequence[tuple[str, int]], job: Path, error: Path) -> int:
+    """Run mpirun; on failure write the root cause's record to ``error``; return its code."""
+    # SIGTERM reaches mpirun through the process group and mpirun stops the ranks; this
+    # process stays to report. A handler (not SIG_IGN) so mpirun starts with the default.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    proc = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=_pdeathsig,
+    )
+    relay = _Relay(hosts)
+    assert proc.stdout is not None and proc.stderr is not None
+    threads = [
+        threading.Thread(target=relay.run, args=(proc.stdout, sys.stdout.buffer), daemon=True),
+        threading.Thread(target=relay.run, args=(proc.stderr, sys.stderr.buffer), daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    code = proc.wait()
+    for t in threads:
+        t.join(timeout=10)
+    if code == 0:
+        return 0
+    root = parse_root_cause(list(relay.mpirun_tail), hosts)
+    if root is None:
+        sys.stderr.write(f"smdist: mpirun exited with code {code}; no failing rank reported\n")
+        return code if code > 0 else 128 - code
+    sys.stderr.write(f"smdist: mpirun: {root.describe()}\n")
+    with relay.lock:
+        tail = list(relay.rank_tails.get(root.rank, ()))
+    record = _root_record(root, job, tail)
+    if record is not None:
+        from smdist import bootstrap
+
+        bootstrap.write_record(record, str(error))
+    elif root.signal:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Die as the rank died, so the agent classifies the signal (OOM kill, segfault).
+        signal.signal(root.signal, signal.SIG_DFL)
+        os.kill(os.getpid(), root.signal)
+    return root.exit_code
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m smdist.backends.mpi")
+    p.add_argument("--error-file", required=True, type=Path)
+    p.add_argument("--job-dir", required=True, type=Path)
+    p.add_argument("--hosts", required=True)
+    p.add_argument("mpirun", nargs=argparse.REMAINDER)
+    ns = p.parse_args(args)
+    argv = ns.mpirun[1:] if ns.mpirun[:1] == ["--"] else ns.mpirun
+    if not argv:
+        p.error("no mpirun command after --")
+    try:
+        hosts = parse_hosts(ns.hosts)
+    except ValueError as exc:
+        p.error(str(exc))
+    try:
+        return launch(argv, hosts, ns.job_dir, ns.error_file)
+    except (OSError, SmdistError) as exc:
+        sys.stderr.write(f"smdist: cannot run mpirun: {exc}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

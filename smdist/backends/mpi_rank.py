@@ -1,0 +1,163 @@
+"""One MPI rank's wrapper: ``python -m smdist.backends.mpi_rank ENTRY_ARGV...``.
+
+mpirun starts it on every host with Open MPI's variables and the job directory's path. It
+takes this host's environment from the job directory (``host.json``, written by this host's
+agent), maps the MPI world to RANK / LOCAL_RANK / WORLD_SIZE / ..., and execs the entry,
+so the rank sees what a torch-backend worker on the same host would see.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+JOB_DIR_ENV = "SMDIST_MPI_JOB_DIR"
+FORWARDED_ENV = "SMDIST_MPI_FORWARDED"
+PR_SET_PDEATHSIG = 1
+
+
+def rank_environment(
+    environ: Mapping[str, str], host: Mapping[str, Any], job_dir: str
+) -> dict[str, str]:
+    """This host's worker environment, Open MPI's own variables, and the rank variables."""
+    forwarded = {n for n in environ.get(FORWARDED_ENV, "").split(",") if n}
+    env = dict(environ)
+    for name, value in dict(host.get("env") or {}).items():
+        if name not in forwarded:  # an explicit -x NAME wins over the host's own value
+            env[name] = str(value)
+    rank = environ["OMPI_COMM_WORLD_RANK"]
+    env.update(
+        {
+            "RANK": rank,
+            "LOCAL_RANK": environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
+            "WORLD_SIZE": environ.get("OMPI_COMM_WORLD_SIZE", "1"),
+            "LOCAL_WORLD_SIZE": environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"),
+            "NODE_RANK": str(host.get("node_rank", 0)),
+            "GROUP_RANK": str(host.get("node_rank", 0)),
+            "SMDIST_ERROR_FILE": os.path.join(job_dir, f"rank-{rank}.error.json"),
+        }
+    )
+    return env
+
+
+def world_from_mpi(environ: Mapping[str, str]) -> dict[str, str]:
+    """RANK, WORLD_SIZE, ... for a script ``mpirun`` started without smdist's wrapper
+    (Horovod-style ``mpirun python train.py``); empty when not under mpirun or already set.
+
+    Without MASTER_ADDR/MASTER_PORT, rank 0 picks them and mpi4py broadcasts them.
+    """
+    if "OMPI_COMM_WORLD_RANK" not in environ or "RANK" in environ:
+        return {}
+    env = {
+        "RANK": environ["OMPI_COMM_WORLD_RANK"],
+        "LOCAL_RANK": environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
+        "WORLD_SIZE": environ.get("OMPI_COMM_WORLD_SIZE", "1"),
+        "LOCAL_WORLD_SIZE": environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"),
+    }
+    if "MASTER_ADDR" in environ and "MASTER_PORT" in environ:
+        return env
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise RuntimeError(
+            "started by mpirun without MASTER_ADDR/MASTER_PORT: install mpi4py "
+            "(pip install 'smdist[mpi]') or pass -x MASTER_ADDR -x MASTER_PORT"
+        ) from None
+    address = None
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            address = (socket.gethostname(), s.getsockname()[1])
+    host, port = MPI.COMM_WORLD.bcast(address, root=0)
+    env["MASTER_ADDR"], env["MASTER_PORT"] = str(host), str(port)
+    return env
+
+
+def _abort_mpi(code: int) -> None:
+    """If the entry initialised MPI, abort the world: MPI_Finalize at exit would wait for
+    ranks that wait for this one (a hang instead of a failure)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None:
+        return
+    try:
+        if not mpi.Is_initialized() or mpi.Is_finalized():
+            return
+    except Exception:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi.COMM_WORLD.Abort(code)
+
+
+def _run_python(args: list[str]) -> None:
+    """The bootstrap in this process, so an uncaught exception can abort the MPI world."""
+    from smdist import bootstrap
+
+    try:
+        bootstrap.main(args)
+    except SystemExit as exc:
+        code = exc.code
+        if code not in (None, 0):
+            if not isinstance(code, int):
+                sys.stderr.write(f"{code}\n")
+                code = 1
+            _abort_mpi(code)
+        raise
+    except BaseException:
+        traceback.print_exc()
+        _abort_mpi(1)
+        raise SystemExit(1) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        sys.stderr.write("usage: python -m smdist.backends.mpi_rank PROGRAM [ARGS...]\n")
+        raise SystemExit(2)
+    parent = os.getppid()
+    # Die with mpirun / orted, even when they are SIGKILLed: no orphaned rank.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        raise SystemExit(1)
+    where = socket.gethostname()
+    job_dir = os.environ.get(JOB_DIR_ENV)
+    if "OMPI_COMM_WORLD_RANK" not in os.environ or not job_dir:
+        sys.stderr.write(
+            f"smdist: mpi_rank on {where} needs OMPI_COMM_WORLD_RANK and {JOB_DIR_ENV} "
+            "(it is started by smdist's mpirun, not by hand)\n"
+        )
+        raise SystemExit(2)
+    path = Path(job_dir) / "host.json"
+    try:
+        host = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(
+            f"smdist: {path} on {where} cannot be read ({exc}): is smdist's agent running "
+            "on this host (same command on every host)?\n"
+        )
+        raise SystemExit(2) from None
+    env = rank_environment(os.environ, host, job_dir)
+    if args[:3] == [sys.executable, "-m", "smdist.bootstrap"]:
+        os.environ.clear()
+        os.environ.update(env)
+        _run_python(args[3:])
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(args[0], args, env)
+    except OSError as exc:
+        sys.stderr.write(f"smdist: cannot start {args[0]} on {where}: {exc.strerror or exc}\n")
+        raise SystemExit(127) from None
+
+
+if __name__ == "__main__":
+    main()
