@@ -4,18 +4,19 @@ failure, a failure file."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from smdist import config as cfg
 from smdist import entry as entries
 from smdist import failure, sm_env, topology
-from smdist.errors import SmdistError
+from smdist.errors import JobAborted, SmdistError
 from smdist.log import log, setup
 from smdist.rendezvous import JobEvent, JobPlan, RendezvousSettings, rendezvous
 from smdist.supervisor import Outcome, Supervisor
@@ -46,18 +47,20 @@ def run(opts: AgentOptions) -> int:
     paths = cfg.resolve_root(opts.opt_ml)
     setup("-")
     started = time.monotonic()
+    host = "-"
     try:
-        stale = paths.failure_file
-        if stale.exists():
-            stale.unlink()
-            log.info("removed a stale failure file from an earlier run: %s", stale)
+        # A failure file present at the end must be the user's own (smdist.fail).
+        failure.clear_failure_files(paths)
         config = cfg.load(paths)
-        setup(config.resource.current_host)
+        host = config.resource.current_host
+        setup(host)
         return _run(opts, config, started)
     except SmdistError as exc:
         log.error("%s", exc.headline())
-        failure.write_failure_file(paths, exc.headline() + "\n")
-        return exc.exit_code
+        if host == "-" and exc.where is None:
+            exc.where = ""  # the config itself is what failed: no host to name
+        diagnosis = failure.report(paths, [], current_host=host, smdist_error=exc)
+        return diagnosis.exit_code
     except KeyboardInterrupt:
         log.error("interrupted before the workers started")
         return 130
@@ -116,6 +119,7 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     if not res.from_file:
         log.info("no %s: running as one host, algo-1", config.paths.resource_config_file)
     entry = entries.resolve(opts.entry, opts.entry_base_dir)
+    _preflight(config, entry)
     if opts.hyperparameter_args:
         entry = entry.with_args(sm_env.hyperparameter_args(config.user_hyperparameters))
     gpus = topology.visible_gpus()
@@ -142,6 +146,7 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
         num_gpus=gpus,
         num_cpus=os.cpu_count() or 1,
     )
+    memory_at_start = failure.memory_snapshot()
     run_dir = Path(tempfile.mkdtemp(prefix="smdist-"))
     try:
         specs = backend.worker_specs(entry, plan, config, os.environ, env_sm, run_dir)
@@ -155,11 +160,14 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
             barrier_timeout_s=opts.barrier_timeout_s if specs else None,
             on_finished=lambda: _model_dir_inventory(config),
         )
+        outcome: Outcome | None = None
+        others: dict[str, str] = {}
         try:
             outcome = supervisor.run()
         finally:
-            coordinator.close()
-        return _report(config, outcome, started)
+            mine = json.dumps([f.to_dict() for f in outcome.failures]) if outcome else "[]"
+            others = coordinator.close(mine)
+        return _report(config, outcome, started, memory_at_start, others)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -209,23 +217,58 @@ def _check_model_dirs(inventories: Mapping[str, str]) -> JobEvent | None:
     return None
 
 
-def _report(config: cfg.JobConfig, outcome: Outcome, started: float) -> int:
+def _preflight(config: cfg.JobConfig, entry: entries.Entry) -> None:
+    """The checks that cost well under a second, before anything is spawned."""
+    from smdist import preflight
+
+    argv = ["-m", entry.target] if entry.kind == "module" else [entry.target]
+    checks = preflight.quick_checks(config, argv)
+    for check in checks:
+        if check.status == "warn":
+            log.warning("preflight: %s: %s", check.name, check.detail)
+    failed = preflight.first_failure(checks)
+    if failed is not None:
+        raise failed.as_error()
+
+
+def _report(
+    config: cfg.JobConfig,
+    outcome: Outcome,
+    started: float,
+    memory: failure.MemoryStats,
+    other_hosts: Mapping[str, str],
+) -> int:
     elapsed = time.monotonic() - started
     if outcome.exit_code == 0:
         how = "stopped cleanly" if outcome.stopped else "finished"
         log.info("job %s on this host after %.1f s (exit 0)", how, elapsed)
         return 0
     event = outcome.event
-    root = None
-    if event is not None and event.host == config.resource.current_host:
-        root = next((f for f in outcome.failures if f.rank == event.rank), None)
-    if root is not None:
-        text = failure.headline(root)
-    elif event is not None:
-        text = event.headline
-    else:
-        text = f"job failed with exit code {outcome.exit_code}"
-    log.error("%s", text)
-    failure.write_failure_file(config.paths, text + "\n")
+    root: failure.WorkerFailure | None = None
+    remote: SmdistError | None = None
+    if event is not None and event.kind == "failure" and event.failure is not None:
+        root = failure.WorkerFailure.from_dict(event.failure)
+        # Prefer this host's own record of it (same object as in outcome.failures).
+        root = next(
+            (f for f in outcome.failures if (f.host, f.rank) == (root.host, root.rank)), root
+        )
+    elif event is not None and event.kind != "stop":
+        remote = JobAborted(event.headline, event.exit_code or 1)
+    # The master also holds every other host's failures: its report covers every rank.
+    everyone = list(outcome.failures)
+    for text in other_hosts.values():
+        everyone += [failure.WorkerFailure.from_dict(d) for d in json.loads(text)]
+    diagnosis = failure.report(
+        config.paths,
+        everyone,
+        current_host=config.resource.current_host,
+        root_cause=root,
+        smdist_error=remote,
+        memory_at_start=memory,
+        extra={"elapsed_s": round(elapsed, 3), "job_event": asdict(event) if event else None},
+    )
+    log.error("%s", diagnosis.headline)
+    if diagnosis.user_failure_text is not None:
+        log.info("kept the failure file the job wrote itself")
     log.info("exit %d after %.1f s", outcome.exit_code, elapsed)
     return outcome.exit_code

@@ -12,6 +12,8 @@ class SmdistError(Exception):
 
     category = "SmdistError"
     exit_code = 1
+    where: str | None = None
+    """Where it happened, for the failure file; None: this host. "" when the message says."""
 
     def headline(self) -> str:
         """One line for the log and the first line of the failure file."""
@@ -42,3 +44,22 @@ class RendezvousFailed(SmdistError):
     """The agents could not meet: port in use, master unreachable, a host never joined."""
 
     category = "RendezvousFailed"
+
+
+class HostLost(SmdistError):
+    """A host of the job stopped responding (its container was killed, or its agent died)."""
+
+    category = "HostLost"
+    where = ""
+
+
+class JobAborted(SmdistError):
+    """The job's root cause was found on another host: its headline, as that host wrote it."""
+
+    where = ""
+
+    def __init__(self, headline: str, exit_code: int = 1) -> None:
+        category, sep, message = headline.partition(": ")
+        super().__init__(message if sep else headline)
+        self.category = category if sep and " " not in category else "JobAborted"
+        self.exit_code = exit_code

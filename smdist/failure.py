@@ -776,7 +776,9 @@ def report(
     c: Classification | None = None
     if smdist_error is not None:
         category = smdist_error.category
-        head = f"{category}: {_clip(_one_line(str(smdist_error), 700), 700)} (host {current_host})"
+        where = smdist_error.where
+        suffix = f" (host {current_host})" if where is None else (f" ({where})" if where else "")
+        head = f"{category}: {_clip(_one_line(str(smdist_error), 700), 700)}{suffix}"
         exit_code = smdist_error.exit_code
     else:
         root = root_cause or choose_root_cause(failures)

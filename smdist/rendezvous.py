@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from smdist.errors import RendezvousFailed
 from smdist.log import log
@@ -39,6 +39,8 @@ class JobEvent:
     exit_code: int
     rank: int | None = None
     time: float = 0.0
+    failure: dict[str, Any] | None = None
+    """The root-cause worker's ``WorkerFailure.to_dict()``, so every host can classify it."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -85,7 +87,9 @@ class Coordinator(Protocol):
     def wait_for(self, keys: Sequence[str], timeout_s: float) -> list[str]:
         """Wait up to ``timeout_s`` for published ``keys``; return those still missing."""
 
-    def close(self) -> None: ...
+    def close(self, failures: str = "[]") -> dict[str, str]:
+        """Leave the job, handing over this host's failures (JSON); the master gets every
+        other host's back, so its report covers every rank."""
 
 
 class LocalCoordinator:
@@ -119,8 +123,8 @@ class LocalCoordinator:
     def wait_for(self, keys: Sequence[str], timeout_s: float) -> list[str]:
         return [k for k in keys if k not in self._published]  # no one else could publish
 
-    def close(self) -> None:
-        pass
+    def close(self, failures: str = "[]") -> dict[str, str]:
+        return {}
 
 
 def free_port() -> int:
@@ -377,11 +381,14 @@ class StoreCoordinator:
                     notify()
                     return
 
-    def close(self) -> None:
+    def close(self, failures: str = "[]") -> dict[str, str]:
         """Leave: the master keeps its store up until the others have read the outcome."""
         self._closing.set()
+        reports: dict[str, str] = {}
         try:
             if self._server is None:
+                if failures != "[]":
+                    self._ctl.set(f"failures/{self.host}", failures)
                 self._ctl.set(f"left/{self.host}", "1")
             else:
                 event = self.event()
@@ -395,6 +402,8 @@ class StoreCoordinator:
                         ", ".join(late),
                         self._settings.leave_timeout_s,
                     )
+                items = self._ctl.prefix("failures/")
+                reports = {k.removeprefix("failures/"): v for k, v in items.items()}
         except StoreUnavailable:
             pass
         finally:
@@ -402,3 +411,4 @@ class StoreCoordinator:
             self._watch.close()
             if self._server is not None:
                 self._server.close()
+        return reports

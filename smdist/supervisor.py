@@ -311,6 +311,7 @@ class Supervisor:
                             headline=failure_headline(failure),
                             exit_code=failure.exit_code,
                             time=failure.time,
+                            failure=failure.to_dict(),
                         )
                     )
                     state = "aborting"

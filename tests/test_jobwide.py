@@ -64,9 +64,16 @@ def test_a_raise_on_one_rank_stops_every_host_and_names_the_root_cause(tmp_path:
     assert ended - raised < 15, "hang guard: peers must not wait for the collective's timeout"
     assert r.returncode == 1, r.stderr
     for host in ("algo-1", "algo-2"):
-        first = (work / host / "output" / "failure").read_text().splitlines()[0]
+        text = (work / host / "output" / "failure").read_text()
+        first = text.splitlines()[0]
         assert first.startswith("UserScriptError: RuntimeError: bad batch on rank 3"), first
         assert "(host algo-2, rank 3, exit 1)" in first, first
+        assert len(text) <= 1024
+    # The master's JSON report covers every rank: the root cause and its victims.
+    report = json.loads((work / "algo-1" / "output" / "data" / "smdist-failure.json").read_text())
+    by_rank = {f["rank"]: f["category"] for f in report["failures"]}
+    assert by_rank == {0: "PeerFailure", 1: "PeerFailure", 2: "PeerFailure", 3: "UserScriptError"}
+    assert report["root_cause"]["rank"] == 3 and report["root_cause"]["host"] == "algo-2"
     # The hung ranks' stacks were dumped into their logs before they were stopped.
     for rank, host in ((0, "algo-1"), (1, "algo-1"), (2, "algo-2")):
         lines = [ln for ln in r.stderr.splitlines() if ln.startswith(f"[{host}/{rank}] ")]
