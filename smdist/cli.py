@@ -116,6 +116,11 @@ def _parser(prog: str, with_entry: bool) -> argparse.ArgumentParser:
         action="store_true",
         help="don't pass hyperparameters as --name value",
     )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="preflight only: config, hosts, entry, imports, dirs, GPUs, disk; train nothing",
+    )
     p.add_argument("-m", dest="module", metavar="MODULE", help="run a module, like python -m")
     if with_entry:
         p.add_argument("entry", nargs=argparse.REMAINDER, help="SCRIPT.py|PROGRAM [ARGS...]")
@@ -158,7 +163,35 @@ def _options(ns: argparse.Namespace, entry: list[str], base_dir: Path | None):  
     )
 
 
+def _check(ns: argparse.Namespace, entry: list[str], base_dir: Path | None) -> int:
+    """``--check``: every preflight check as a table; the exit code the job would have."""
+    from smdist import discovery, preflight
+
+    paths = cfg.resolve_root(ns.opt_ml)
+    if base_dir is not None and entry and entry[0] != "-m" and not Path(entry[0]).is_absolute():
+        entry = [str(base_dir / entry[0]), *entry[1:]]
+
+    def resolve(hosts: Sequence[str]) -> object:
+        if len(hosts) == 1:
+            return {hosts[0]: "127.0.0.1"}
+        if ns.host_addresses:
+            return ns.host_addresses
+        nameserver = ns.nameserver or os.environ.get("SMDIST_NAMESERVER")
+        policy = discovery.DnsPolicy(
+            timeout_s=min(ns.dns_timeout, 30.0),
+            nameserver=discovery.parse_nameserver(nameserver) if nameserver else None,
+        )
+        return discovery.resolve_hosts(hosts, policy, log)
+
+    setup("check")
+    checks = preflight.run_checks(paths, entry, resolve_hosts=resolve)
+    print(preflight.format_table(checks))
+    return preflight.exit_code(checks)
+
+
 def _launch(ns: argparse.Namespace, entry: list[str], base_dir: Path | None) -> int:
+    if ns.check:
+        return _check(ns, entry, base_dir)
     if ns.simulate:
         from smdist import simulate
 

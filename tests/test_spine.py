@@ -424,3 +424,26 @@ def test_entry_as_module_and_program(tmp_path: Path) -> None:
     r = run(["--opt-ml", str(root), str(prog), "one two"])
     assert r.returncode == 0, r.stderr
     assert "[algo-1/0] prog 0 one two" in r.stdout
+
+
+def test_check_reports_what_would_fail_without_running_anything(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "ml")
+    marker = tmp_path / "ran"
+    bad = write_script(tmp_path / "bad.py", "import some_missing_library\n")
+    good = write_script(tmp_path / "good.py", f"open({str(marker)!r}, 'w').close()\n")
+    r = run(["--opt-ml", str(root), "--check", str(bad)], timeout=60)
+    assert r.returncode == 1
+    assert "MissingDependency: not installed: some_missing_library (bad.py:1)" in r.stdout
+    r = run(["--opt-ml", str(root), "--check", str(good)], timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "checks passed" in r.stdout
+    assert not marker.exists()
+
+
+def test_a_missing_module_stops_the_job_before_any_worker_starts(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "ml")
+    bad = write_script(tmp_path / "bad.py", "import os\nimport some_missing_library\n")
+    r = run(["--opt-ml", str(root), str(bad)], timeout=60)
+    assert r.returncode == 1
+    first = (root / "output" / "failure").read_text().splitlines()[0]
+    assert first.startswith("MissingDependency: not installed: some_missing_library (bad.py:2)")
