@@ -487,7 +487,7 @@ def _root_record(root: RootCause, job: Path, tail: Sequence[str]) -> dict[str, A
         record = failure.parse_stderr_traceback(list(tail))
     if record is None:
         return None
-    record.update(host=root.host, rank=root.rank, local_rank=root.local_rank)
+    record.update(host=root.host, rank=root.rank, local_rank=root.local_rank, reported_by="mpirun")
     return record
 
 
