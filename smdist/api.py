@@ -154,6 +154,11 @@ class Context:
             hook(self)
 
 
+class StopRequested(BaseException):
+    """Raised in a training function that never polls ``ctx.should_stop`` when the job is
+    stopped; the decorator catches it, runs the ``on_stop`` hooks and returns normally."""
+
+
 def _control_action() -> str | None:
     path = os.environ.get("SMDIST_CONTROL_FILE")
     if not path:
@@ -184,6 +189,10 @@ class _StopWatcher:
 
     def _handler(self, _signum: int, _frame: object) -> None:
         self.ctx._stop.set()
+        if not self.ctx._stop_polled:
+            # The function never asks ctx.should_stop: stop it here, in the main thread,
+            # rather than let it run on until the agent's grace ends in SIGKILL.
+            raise StopRequested()
 
     def _watch(self) -> None:
         while True:
@@ -284,7 +293,10 @@ class _Main:
         ctx._stop_hooks.extend(self._hooks)
         watcher = _StopWatcher(ctx)
         try:
-            result = self._fn(ctx)
+            try:
+                result = self._fn(ctx)
+            except StopRequested:
+                result = None
             if ctx._stop.is_set():
                 ctx._run_stop_hooks()
             return result

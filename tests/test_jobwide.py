@@ -199,3 +199,32 @@ def test_writing_through_the_api_leaves_one_model_file(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert (work / "algo-1" / "model" / "model.pt").read_text() == "weights from rank 0"
     assert not any((work / "algo-2" / "model").iterdir())
+
+
+NEVER_POLLS = """
+import os, threading
+import smdist
+
+@smdist.main
+def train(ctx):
+    open(os.path.join({out!r}, f"up-{{ctx.rank}}"), "w").close()
+    threading.Event().wait()  # a loop that never asks ctx.should_stop
+
+@train.on_stop
+def checkpoint(ctx):
+    open(os.path.join({out!r}, f"hook-{{ctx.rank}}"), "w").close()
+
+if __name__ == "__main__":
+    train()
+"""
+
+
+def test_a_function_that_never_polls_should_stop_still_stops_cleanly(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "ml")
+    script = write_script(tmp_path / "t.py", NEVER_POLLS.format(out=str(tmp_path)))
+    agent = start(["--opt-ml", str(root), "--nproc-per-host", "2", str(script)])
+    wait_for(lambda: all((tmp_path / f"up-{r}").exists() for r in range(2)), 90, "ranks up")
+    agent.send_signal(signal.SIGTERM)
+    _, err = agent.communicate(timeout=60)  # far less than the 90 s grace
+    assert agent.returncode == 0, err
+    assert (tmp_path / "hook-0").exists() and (tmp_path / "hook-1").exists()
