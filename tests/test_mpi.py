@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from smdist.backends import mpi, mpi_rank
-from tests.helpers import REPO, env, make_tree, run, write_script
+from tests.helpers import REPO, env, free_port, make_tree, run, write_script
 
 pytestmark = pytest.mark.mpi
 
@@ -322,3 +324,16 @@ def test_each_rank_gets_its_own_hosts_values_and_explicit_x_wins() -> None:
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("3", "1", "4")
     assert (env["LOCAL_WORLD_SIZE"], env["NODE_RANK"], env["MASTER_ADDR"]) == ("2", "1", "10.0.0.1")
     assert env["SMDIST_ERROR_FILE"] == "/tmp/job/rank-3.error.json"
+
+
+def test_ensure_sshd_starts_a_real_sshd_once(tmp_path: Path) -> None:
+    port = free_port()
+    try:
+        assert mpi.ensure_sshd(port) == f"started sshd on port {port}"
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            assert s.recv(4) == b"SSH-"
+        assert mpi.ensure_sshd(port) == f"sshd already answering on port {port}"
+    finally:
+        pid_file = mpi.sshd_pid_file(port)
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)

@@ -211,6 +211,10 @@ def _ssh_banner(host: str, port: int, timeout_s: float = 2.0) -> bool:
         return False
 
 
+def sshd_pid_file(port: int) -> Path:
+    return Path("/run") / f"smdist-sshd-{port}.pid"
+
+
 def ensure_sshd(port: int | None = None, timeout_s: float = SSHD_START_S) -> str:
     """Make sure an sshd answers on this host; start one if not. Returns what was done."""
     port = ssh_port() if port is None else port
@@ -226,7 +230,10 @@ def ensure_sshd(port: int | None = None, timeout_s: float = SSHD_START_S) -> str
     if not any(Path("/etc/ssh").glob("ssh_host_*_key")):
         subprocess.run(["ssh-keygen", "-A"], check=True, capture_output=True)
     # sshd forks into the background itself; its exit status says whether it could.
-    r = subprocess.run([sshd, "-p", str(port)], capture_output=True, text=True)
+    pid_file = sshd_pid_file(port)
+    r = subprocess.run(
+        [sshd, "-p", str(port), "-o", f"PidFile={pid_file}"], capture_output=True, text=True
+    )
     if r.returncode != 0:
         why = " ".join(r.stderr.split())[:300] or f"exit {r.returncode}"
         raise ConfigError(f"cannot start sshd on port {port}: {why}")
