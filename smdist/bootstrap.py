@@ -236,6 +236,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     faulthandler.enable()
     faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True, chain=False)
+    if not os.environ.get("PYTHONUNBUFFERED"):
+        # The agent relays output live (CloudWatch reads it as it comes): flush every line
+        # instead of every 8 KiB, which on a pipe is what Python would do.
+        for stream in (sys.stdout, sys.stderr):
+            reconfigure = getattr(stream, "reconfigure", None)
+            if reconfigure is not None:
+                reconfigure(line_buffering=True)
     try:
         if args[0] == "-m":
             module, rest = args[1], args[2:]

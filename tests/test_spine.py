@@ -447,3 +447,17 @@ def test_a_missing_module_stops_the_job_before_any_worker_starts(tmp_path: Path)
     assert r.returncode == 1
     first = (root / "output" / "failure").read_text().splitlines()[0]
     assert first.startswith("MissingDependency: not installed: some_missing_library (bad.py:2)")
+
+
+def test_output_is_relayed_live_not_when_a_buffer_fills(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "ml")
+    body = "import threading\nprint('first line')\nthreading.Event().wait()\n"
+    script = write_script(tmp_path / "live.py", body)
+    agent = start(["--opt-ml", str(root), str(script)])
+    try:
+        assert agent.stdout is not None
+        line = agent.stdout.readline()  # blocks until relayed; pytest-timeout guards a hang
+        assert line == "[algo-1/0] first line\n"
+    finally:
+        agent.terminate()
+        agent.communicate(timeout=30)
