@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from smdist.errors import RendezvousFailed
@@ -65,6 +65,8 @@ class JobPlan:
     layout: Layout
     master_addr: str
     master_port: int
+    addresses: Mapping[str, str] = field(default_factory=dict)
+    """Every host's address as this agent resolved it (the MPI backend's mpirun uses them)."""
 
 
 class Coordinator(Protocol):
@@ -238,7 +240,8 @@ def rendezvous(
     coordinator = StoreCoordinator(
         current_host, layout, ctl, watch, server, settings, check_outputs
     )
-    return JobPlan(layout, master_addr, int(plan["master_port"])), coordinator
+    plan_ = JobPlan(layout, master_addr, int(plan["master_port"]), dict(addresses))
+    return plan_, coordinator
 
 
 class StoreCoordinator:
