@@ -318,12 +318,12 @@ def test_each_rank_gets_its_own_hosts_values_and_explicit_x_wins() -> None:
         "node_rank": 1,
         "env": {"SM_CURRENT_HOST": "algo-2", "NCCL_DEBUG": "WARN", "MASTER_ADDR": "10.0.0.1"},
     }
-    env = mpi_rank.rank_environment(launched, host, "/tmp/job")
+    env = mpi_rank.rank_environment(launched, host, "/tmp/job/algo-2")
     assert env["SM_CURRENT_HOST"] == "algo-2"
     assert env["NCCL_DEBUG"] == "INFO"
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("3", "1", "4")
     assert (env["LOCAL_WORLD_SIZE"], env["NODE_RANK"], env["MASTER_ADDR"]) == ("2", "1", "10.0.0.1")
-    assert env["SMDIST_ERROR_FILE"] == "/tmp/job/rank-3.error.json"
+    assert env["SMDIST_ERROR_FILE"] == "/tmp/job/algo-2/rank-3.error.json"
 
 
 def test_ensure_sshd_starts_a_real_sshd_once(tmp_path: Path) -> None:

@@ -35,6 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from smdist.backends.mpi_rank import (
+    FORWARDED_ENV,
+    HOST_FILE,
+    HOSTS_ENV,
+    JOB_DIR_ENV,
+    parse_hosts,
+    place,
+)
 from smdist.config import JobConfig
 from smdist.entry import Entry
 from smdist.errors import ConfigError, RendezvousFailed, SmdistError
@@ -42,12 +50,10 @@ from smdist.log import log
 from smdist.rendezvous import Coordinator, JobPlan
 from smdist.supervisor import WorkerSpec
 
-JOB_DIR_ENV = "SMDIST_MPI_JOB_DIR"
-FORWARDED_ENV = "SMDIST_MPI_FORWARDED"
-"""Variables the user forwarded with ``-x``: they win over each host's own values."""
 SSH_PORT_ENV = "SMDIST_SSH_PORT"
+SSH_ARGS_ENV = "SMDIST_SSH_ARGS"
+"""Extra ssh options for mpirun's ssh (e.g. ``-i /path/to/key``)."""
 SSHD_READY_KEY = "mpi/sshd/"
-HOST_FILE = "host.json"
 SSHD_WAIT_S = 300.0
 SSHD_START_S = 30.0
 # Open MPI's own variables must never travel from one host's agent to another's ranks.
@@ -111,6 +117,7 @@ def mpirun_argv(
     *,
     interface: str | None,
     port: int,
+    ssh_extra: str = "",
     custom: Sequence[str] = (),
     forward: Sequence[str] = (),
     as_root: bool = False,
@@ -124,6 +131,8 @@ def mpirun_argv(
         f"-p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
         "-o BatchMode=yes -o LogLevel=ERROR -o ConnectTimeout=30"
     )
+    if ssh_extra.strip():
+        ssh_args += " " + " ".join(ssh_extra.split())
     argv = [mpirun]
     if as_root:
         argv.append("--allow-run-as-root")
@@ -156,14 +165,19 @@ def mpirun_argv(
 
 
 def job_dir(plan: JobPlan) -> Path:
-    """The job's directory: the same path on every host, unique to this job on a machine."""
+    """The job's directory: the same path on every host, unique to this job on a machine.
+
+    It holds one link per host to that host agent's run dir (removed with it when the agent
+    ends): one on each machine of a real job, several when hosts share a machine.
+    """
     tag = re.sub(r"[^A-Za-z0-9.-]", "_", plan.master_addr)
     return Path("/tmp") / f"smdist-mpi-{tag}-{plan.master_port}"
 
 
-def _link_job_dir(link: Path, target: Path) -> None:
-    """Point the job path at this agent's run dir (removed with it when the agent ends)."""
-    tmp = link.with_name(f"{link.name}.{os.getpid()}.tmp")
+def _link_host_dir(job: Path, host: str, target: Path) -> None:
+    job.mkdir(mode=0o700, exist_ok=True)
+    link = job / host
+    tmp = job / f".{host}.{os.getpid()}.tmp"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     tmp.symlink_to(target)
@@ -246,7 +260,11 @@ def ensure_sshd(port: int | None = None, timeout_s: float = SSHD_START_S) -> str
 
 
 def _wait_sshd_ready(
-    coordinator: Coordinator | None, hosts: Sequence[str], port: int, timeout_s: float
+    coordinator: Coordinator | None,
+    hosts: Sequence[str],
+    addresses: Mapping[str, str],
+    port: int,
+    timeout_s: float,
 ) -> None:
     """Master: bounded, logged wait until every other host says its sshd is up."""
     if not hosts:
@@ -259,7 +277,11 @@ def _wait_sshd_ready(
         if coordinator is not None:
             missing = coordinator.wait_for(missing, max(0.0, min(10.0, left)))
         else:  # no store to hear from: ask the hosts' sshd directly
-            missing = [k for k in missing if not _ssh_banner(k.removeprefix(SSHD_READY_KEY), port)]
+            missing = [
+                k
+                for k in missing
+                if not _ssh_banner(addresses.get(h := k.removeprefix(SSHD_READY_KEY), h), port)
+            ]
             if missing and left > 0:
                 time.sleep(min(1.0, left))
         names = [k.removeprefix(SSHD_READY_KEY) for k in missing]
@@ -299,7 +321,7 @@ def worker_specs(
     env = host_environment(base_env, sm_env, plan, config, nprocs[host])
     write_host_file(run_dir, host, slot.node_rank, env)
     link = job_dir(plan)
-    _link_job_dir(link, run_dir)
+    _link_host_dir(link, host, run_dir)
     port = ssh_port(base_env)
     others = [h for h in layout.hosts if h != host]
     if host != layout.master:
@@ -307,7 +329,7 @@ def worker_specs(
         if coordinator is not None:
             coordinator.publish(SSHD_READY_KEY + host, "1")
         return []
-    _wait_sshd_ready(coordinator, others, port, SSHD_WAIT_S)
+    _wait_sshd_ready(coordinator, others, plan.addresses, port, SSHD_WAIT_S)
     mpirun = shutil.which("mpirun", path=base_env.get("PATH"))
     if mpirun is None:
         raise ConfigError(
@@ -315,21 +337,30 @@ def worker_specs(
             "launchers/install-mpi.sh)"
         )
     single = len(layout.slots) == 1
-    hosts = [("localhost" if single else h, nprocs[h]) for h in layout.hosts]
+    # The addresses the agent resolved (with its retry policy), so mpirun looks up nothing.
+    hosts = [("localhost" if single else plan.addresses.get(h, h), nprocs[h]) for h in layout.hosts]
     forwarded = forwarded_names(opts.custom)
     launch_env = {k: v for k, v in base_env.items() if not k.startswith(MPI_PREFIXES)}
     launch_env[JOB_DIR_ENV] = str(link)
     launch_env[FORWARDED_ENV] = ",".join(forwarded)
+    layout_arg = ",".join(f"{h}:{nprocs[h]}" for h in layout.hosts)
+    launch_env[HOSTS_ENV] = layout_arg
     if os.geteuid() == 0:  # SageMaker containers run as root; Open MPI refuses without these
         launch_env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
         launch_env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
-    forward = [JOB_DIR_ENV, FORWARDED_ENV, *(n for n in LAUNCH_VARIABLES if n in launch_env)]
+    forward = [
+        JOB_DIR_ENV,
+        FORWARDED_ENV,
+        HOSTS_ENV,
+        *(n for n in LAUNCH_VARIABLES if n in launch_env),
+    ]
     rank_argv = [sys.executable, "-m", "smdist.backends.mpi_rank", *entry.argv()]
     argv = mpirun_argv(
         hosts,
         rank_argv,
         interface=None if single else config.resource.network_interface_name,
         port=port,
+        ssh_extra=base_env.get(SSH_ARGS_ENV, ""),
         custom=opts.custom,
         forward=forward,
         as_root=os.geteuid() == 0,
@@ -337,7 +368,6 @@ def worker_specs(
     )
     log.info("mpirun: %s", shlex.join(argv))
     error_file = run_dir / "mpirun.error.json"
-    layout_arg = ",".join(f"{h}:{nprocs[h]}" for h in layout.hosts)
     launcher = [
         sys.executable, "-m", "smdist.backends.mpi",
         "--error-file", str(error_file),
@@ -387,26 +417,6 @@ class RootCause:
     def describe(self) -> str:
         how = f"killed by signal {self.signal}" if self.signal else f"exit {self.exit_code}"
         return f"rank {self.rank} on {self.host} failed first ({how})"
-
-
-def parse_hosts(text: str) -> list[tuple[str, int]]:
-    out = []
-    for item in text.split(","):
-        host, _, n = item.rpartition(":")
-        if not host or not n.isdigit():
-            raise ValueError(f"--hosts: expected HOST:N[,HOST:N...], got {text!r}")
-        out.append((host, int(n)))
-    return out
-
-
-def place(hosts: Sequence[tuple[str, int]], rank: int) -> tuple[str, int]:
-    """Host and local rank of ``rank`` under ``--map-by slot``."""
-    first = 0
-    for host, n in hosts:
-        if rank < first + n:
-            return host, rank - first
-        first += n
-    return "?", 0
 
 
 def parse_root_cause(lines: Sequence[str], hosts: Sequence[tuple[str, int]]) -> RootCause | None:
@@ -487,7 +497,8 @@ def _root_record(root: RootCause, job: Path, tail: Sequence[str]) -> dict[str, A
 
     record: dict[str, Any] | None = None
     with contextlib.suppress(OSError, ValueError):
-        data = json.loads((job / f"rank-{root.rank}.error.json").read_text(encoding="utf-8"))
+        path = job / root.host / f"rank-{root.rank}.error.json"  # here if it ran here
+        data = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(data, dict):
             record = data
     if record is None:

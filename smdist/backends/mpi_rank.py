@@ -15,17 +15,51 @@ import signal
 import socket
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 JOB_DIR_ENV = "SMDIST_MPI_JOB_DIR"
 FORWARDED_ENV = "SMDIST_MPI_FORWARDED"
+"""Variables the user forwarded with ``-x``: they win over each host's own values."""
+HOSTS_ENV = "SMDIST_MPI_HOSTS"
+"""The job's hosts and processes, ``algo-1:2,algo-2:2``, in node-rank order."""
+HOST_FILE = "host.json"
 PR_SET_PDEATHSIG = 1
 
 
+def parse_hosts(text: str) -> list[tuple[str, int]]:
+    out = []
+    for item in text.split(","):
+        host, _, n = item.rpartition(":")
+        if not host or not n.isdigit():
+            raise ValueError(f"expected HOST:N[,HOST:N...], got {text!r}")
+        out.append((host, int(n)))
+    return out
+
+
+def place(hosts: Sequence[tuple[str, int]], rank: int) -> tuple[str, int]:
+    """Host and local rank of ``rank`` under ``--map-by slot``."""
+    first = 0
+    for host, n in hosts:
+        if rank < first + n:
+            return host, rank - first
+        first += n
+    return "?", 0
+
+
+def host_dir(job_dir: Path, environ: Mapping[str, str]) -> Path:
+    """This rank's host's directory: the only one on this machine, or (hosts sharing a
+    machine, a simulation) the host mpirun placed the rank on."""
+    found = [p for p in job_dir.iterdir() if (p / HOST_FILE).is_file()]
+    if len(found) == 1:
+        return found[0]
+    host, _ = place(parse_hosts(environ.get(HOSTS_ENV, "")), int(environ["OMPI_COMM_WORLD_RANK"]))
+    return job_dir / host
+
+
 def rank_environment(
-    environ: Mapping[str, str], host: Mapping[str, Any], job_dir: str
+    environ: Mapping[str, str], host: Mapping[str, Any], host_dir: str
 ) -> dict[str, str]:
     """This host's worker environment, Open MPI's own variables, and the rank variables."""
     forwarded = {n for n in environ.get(FORWARDED_ENV, "").split(",") if n}
@@ -42,7 +76,7 @@ def rank_environment(
             "LOCAL_WORLD_SIZE": environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"),
             "NODE_RANK": str(host.get("node_rank", 0)),
             "GROUP_RANK": str(host.get("node_rank", 0)),
-            "SMDIST_ERROR_FILE": os.path.join(job_dir, f"rank-{rank}.error.json"),
+            "SMDIST_ERROR_FILE": os.path.join(host_dir, f"rank-{rank}.error.json"),
         }
     )
     return env
@@ -135,8 +169,9 @@ def main(argv: list[str] | None = None) -> None:
             "(it is started by smdist's mpirun, not by hand)\n"
         )
         raise SystemExit(2)
-    path = Path(job_dir) / "host.json"
+    path = Path(job_dir) / HOST_FILE
     try:
+        path = host_dir(Path(job_dir), os.environ) / HOST_FILE
         host = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         sys.stderr.write(
@@ -144,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             "on this host (same command on every host)?\n"
         )
         raise SystemExit(2) from None
-    env = rank_environment(os.environ, host, job_dir)
+    env = rank_environment(os.environ, host, str(path.parent))
     if args[:3] == [sys.executable, "-m", "smdist.bootstrap"]:
         os.environ.clear()
         os.environ.update(env)
