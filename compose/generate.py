@@ -32,6 +32,14 @@ def host_names(count: int) -> list[str]:
     return [f"algo-{i}" for i in range(1, count + 1)]
 
 
+def _check_hosts(hosts: Sequence[str]) -> None:
+    if not hosts:
+        raise ValueError("hosts: expected at least one host")
+    for host in hosts:
+        if not _HOST_RE.match(host):
+            raise ValueError(f"host {host!r}: expected a DNS label (a-z, 0-9, '-')")
+
+
 def _q(value: str) -> str:
     # A JSON string is a valid YAML double-quoted scalar: no escaping rules of our own.
     return json.dumps(value)
@@ -46,9 +54,7 @@ def render(
     header: str = "",
 ) -> str:
     """The compose file text for ``hosts`` (paths relative to the file's directory)."""
-    for host in hosts:
-        if not _HOST_RE.match(host):
-            raise ValueError(f"host {host!r}: expected a DNS label (a-z, 0-9, '-')")
+    _check_hosts(hosts)
     lines = [f"# {line}".rstrip() for line in header.splitlines()]
     lines += ['version: "2.4"', "services:"]
     for host in hosts:
@@ -119,6 +125,7 @@ def write_job(
     ``resource_hosts`` is the host list every resourceconfig.json names (default: ``hosts``);
     naming a host with no container simulates one that never comes up.
     """
+    _check_hosts(hosts)
     listed = list(resource_hosts) if resource_hosts is not None else list(hosts)
     missing = [h for h in hosts if h not in listed]
     if missing:

@@ -661,6 +661,14 @@ class Harness:
             engine.stop()
             session.close()
             raise
+        # Leftovers of a session that was killed mid-job: only ever on the harness's engine.
+        for kind in ("container", "network", "image"):
+            subprocess.run(
+                [docker_cli(), kind, "prune", "-f"],
+                env=engine.env,
+                capture_output=True,
+                check=False,
+            )
         h = cls(engine=engine, timings=timings, log=log, _session=session)
         if work_root is not None:
             h.work_root = work_root
@@ -818,6 +826,8 @@ class Harness:
             timeout=60,
             check=False,
         ).stdout
+        # Kept beside the host's model and output dirs: the job's record after teardown.
+        (work / "hosts" / host / "container.log").write_text(logs)
         return HostResult(
             host=host,
             exit_code=int(code),

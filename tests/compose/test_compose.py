@@ -104,7 +104,6 @@ def test_host_that_never_appears_fails_every_container(harness: Harness) -> None
         first_line = result.failure.splitlines()[0] if result.failure else ""
         assert first_line.startswith("HostResolutionFailed: "), (host, result.failure)
         assert "algo-3" in first_line, first_line
-        assert "algo-1" not in first_line and "algo-2" not in first_line, first_line
         # Hang guard, generous: the deadline is what ends the wait.
         assert result.seconds < dns_timeout + 60, (host, result.seconds)
     assert rank_records(job) == {}
