@@ -738,16 +738,14 @@ class Harness:
                 for i, host in enumerate(start_order):
                     _run([*compose, "start", host], what=f"{name}: start {host}", env=env, cwd=work)
                     if wait_between and i < len(start_order) - 1:
-                        cid = _run(
-                            [*compose, "ps", "-q", host], what=f"{name}: ps", env=env, cwd=work
-                        ).strip()
+                        (cid,) = self._containers(project, host)
                         left = timeout - (time.monotonic() - t0)
                         self._await_log(cid, host, wait_between, left)
             else:
                 _run([*compose, "up", "-d"], what=f"{name}: compose up", env=env, cwd=work)
-            ids = _run(
-                [*compose, "ps", "-q"], what=f"{name}: compose ps", env=env, cwd=work
-            ).split()
+            ids = self._containers(project)
+            if len(ids) != len(names):
+                raise HarnessError(f"{name}: {len(ids)} containers for {len(names)} hosts")
             try:
                 subprocess.run(
                     [docker_cli(), "wait", *ids],
@@ -779,6 +777,14 @@ class Harness:
             compose_file=compose_file,
             seconds=seconds,
         )
+
+    def _containers(self, project: str, host: str | None = None) -> list[str]:
+        """Container ids by compose's labels, running or not (v1 and v2 label alike)."""
+        labels = [f"com.docker.compose.project={project}"]
+        if host is not None:
+            labels.append(f"com.docker.compose.service={host}")
+        filters = [arg for label in labels for arg in ("--filter", f"label={label}")]
+        return self.engine.docker("ps", "-a", "-q", *filters, what="docker ps").split()
 
     def _await_log(self, cid: str, host: str, pattern: str, timeout: float) -> None:
         """Follow a container's log until a line matches ``pattern``; raise at the deadline."""
