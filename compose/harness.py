@@ -241,10 +241,11 @@ class Engine:
                 "--data-root", str(state_dir / "data"),
                 "--exec-root", str(exec_root),
                 "--pidfile", str(state_dir / "dockerd.pid"),
-                # No iptables, no NAT, no default bridge: nothing that could clash with
-                # another engine on this machine or reach past it.
+                # No iptables, NAT, forwarding or default bridge: nothing that could clash
+                # with another engine on this machine or route a container past it.
                 "--iptables=false",
                 "--ip-masq=false",
+                "--ip-forward=false",
                 "--bridge=none",
                 "--default-address-pool", ADDRESS_POOL,
             ]  # fmt: skip

@@ -14,12 +14,14 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from smdist.backends import mpi, mpi_rank
-from tests.helpers import REPO, env, free_port, make_tree, run, write_script
+from tests.helpers import REPO, env, free_port, make_tree, run, start, write_script
 
 pytestmark = pytest.mark.mpi
 
@@ -337,3 +339,102 @@ def test_ensure_sshd_starts_a_real_sshd_once(tmp_path: Path) -> None:
         pid_file = mpi.sshd_pid_file(port)
         if pid_file.exists():
             os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+
+
+# --- two hosts on one machine, mpirun over real ssh -------------------------------------
+# algo-2 is 127.0.0.2: Open MPI takes it for another machine and starts its ranks through
+# ssh, into a private sshd (own host key, own job key, loopback only).
+
+
+@pytest.fixture
+def private_sshd(tmp_path: Path) -> Iterator[dict[str, str]]:
+    d = tmp_path / "ssh"
+    d.mkdir(mode=0o700)
+    for key in ("host_key", "id"):
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True
+        )
+    (d / "authorized_keys").write_text((d / "id.pub").read_text())
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\n"
+        f"HostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        f"PidFile {d / 'sshd.pid'}\nPasswordAuthentication no\n"
+        "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
+    )
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    subprocess.run([sshd, "-f", str(d / "sshd_config"), "-E", str(d / "log")], check=True)
+    try:
+        yield {"SMDIST_SSH_PORT": str(port), "SMDIST_SSH_ARGS": f"-i {d / 'id'}"}
+    finally:
+        os.kill(int((d / "sshd.pid").read_text().split()[0]), signal.SIGTERM)
+
+
+LOOPBACK = {"network_interface_name": "lo"}  # mpirun's interface options name it
+# Two "hosts" on one machine must not share memory segments: TCP only (as custom options).
+TCP_ONLY = {"sagemaker_mpi_custom_mpi_options": "--mca btl self,tcp"}
+
+
+def _two_hosts(tmp_path: Path, script: Path, ssh_env: dict[str, str]) -> dict[str, Any]:
+    hosts = ["algo-1", "algo-2"]
+    port = free_port()
+    procs = {
+        h: start(
+            [
+                "--opt-ml",
+                str(make_tree(tmp_path / h, h, hosts, TCP_ONLY, resource_extra=LOOPBACK)),
+                "--rdzv-port",
+                str(port),
+                "--host-addresses",
+                "algo-1=127.0.0.1,algo-2=127.0.0.2",
+                "--backend",
+                "mpi",
+                "--nproc-per-host",
+                "2",
+                str(script),
+            ],
+            **ssh_env,
+        )
+        for h in hosts
+    }
+    out = {}
+    for h, p in procs.items():
+        try:
+            stdout, stderr = p.communicate(timeout=90)  # the hang guard
+        finally:
+            p.kill()
+        out[h] = (p.returncode, stdout, stderr)
+    return out
+
+
+def test_two_hosts_over_ssh_each_rank_sees_its_own_host(
+    tmp_path: Path, private_sshd: dict[str, str]
+) -> None:
+    script = write_script(tmp_path / "allreduce.py", MPI4PY_ALLREDUCE)
+    results = _two_hosts(tmp_path, script, private_sshd)
+    for host, (code, _, stderr) in results.items():
+        assert code == 0, f"{host}: {stderr}"
+    reports = {**_reports(tmp_path / "algo-1"), **_reports(tmp_path / "algo-2")}
+    assert sorted(reports) == [0, 1, 2, 3]
+    for rank, rep in reports.items():
+        assert rep["size"] == 4 and rep["sum"] == 1 + 2 + 3 + 4
+        host = "algo-1" if rank < 2 else "algo-2"
+        # Written under that host's own /opt/ml, with that host's SM_CURRENT_HOST.
+        assert (tmp_path / host / "output" / "data" / f"rank-{rank}.json").exists()
+        assert rep["env"]["SM_CURRENT_HOST"] == host
+        assert rep["env"]["NODE_RANK"] == str(rank // 2)
+        assert rep["env"]["LOCAL_RANK"] == str(rank % 2)
+    assert "[algo-2/3] rank 3 says hello" in results["algo-1"][1]
+
+
+def test_two_hosts_a_rank_raising_on_algo_2_fails_every_host(
+    tmp_path: Path, private_sshd: dict[str, str]
+) -> None:
+    script = write_script(tmp_path / "fail.py", MPI4PY_RAISE.replace("== 1", "== 3"))
+    results = _two_hosts(tmp_path, script, private_sshd)
+    for host, (code, _, stderr) in results.items():
+        assert code == 1, f"{host}: {stderr}"
+        text = (tmp_path / host / "output" / "failure").read_text()
+        assert text.startswith("UserScriptError: ValueError: rank 1 fails on purpose"), text
+    out = results["algo-1"][1] + results["algo-1"][2]
+    assert "mpirun: rank 3 on algo-2 failed first (exit 1)" in out

@@ -133,27 +133,30 @@ def mpirun_argv(
     )
     if ssh_extra.strip():
         ssh_args += " " + " ".join(ssh_extra.split())
+    user_mca = {b for a, b in itertools.pairwise(custom) if a in ("--mca", "-mca")}
+    user_flags = set(custom)
     argv = [mpirun]
     if as_root:
         argv.append("--allow-run-as-root")
-    argv += [
-        "-np", str(sum(n for _, n in hosts)),
-        "-H", ",".join(f"{h}:{n}" for h, n in hosts),
-        "--bind-to", "none",  # ranks bind their own GPU; MPI's core binding starves loaders
-        "--map-by", "slot",  # ranks contiguous per host, as the rank map says
-        "--tag-output",
-        "--mca", "orte_abort_on_non_zero_status", "1",
-        "--mca", "plm_rsh_agent", "ssh",
-        "--mca", "plm_rsh_args", ssh_args,
-        "--mca", "plm_rsh_no_tree_spawn", "1",
-        "--mca", "pml", "ob1",
-        "--mca", "btl", "^openib",
-    ]  # fmt: skip
+    argv += ["-np", str(sum(n for _, n in hosts)), "-H", ",".join(f"{h}:{n}" for h, n in hosts)]
+    # Ranks bind their own GPU; MPI's core binding starves data loaders.
+    for flag, value in (("--bind-to", "none"), ("--map-by", "slot")):
+        if flag not in user_flags and flag.lstrip("-") not in user_flags:
+            argv += [flag, value]
+    argv.append("--tag-output")
+    mca = [
+        ("orte_abort_on_non_zero_status", "1"),
+        ("plm_rsh_agent", "ssh"),
+        ("plm_rsh_args", ssh_args),
+        ("plm_rsh_no_tree_spawn", "1"),
+        ("pml", "ob1"),
+        ("btl", "^openib"),
+    ]
     if interface is not None:
-        argv += [
-            "--mca", "btl_tcp_if_include", interface,
-            "--mca", "oob_tcp_if_include", interface,
-        ]  # fmt: skip
+        mca += [("btl_tcp_if_include", interface), ("oob_tcp_if_include", interface)]
+    for name, value in mca:
+        if name not in user_mca:  # Open MPI refuses a parameter given twice: the user's wins
+            argv += ["--mca", name, value]
     for name in forward:
         argv += ["-x", name]
     argv += list(custom)
@@ -436,8 +439,8 @@ def parse_root_cause(lines: Sequence[str], hosts: Sequence[tuple[str, int]]) -> 
     s = _SIGNALLED.search(text)
     if s:
         rank, sig = int(s.group(1)), int(s.group(3))
-        _, local = place(hosts, rank)
-        return RootCause(rank, s.group(2), local, 128 + sig, sig)
+        host, local = place(hosts, rank)  # mpirun names the machine, not the job's host
+        return RootCause(rank, host, local, 128 + sig, sig)
     return None
 
 
