@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, TypeVar
 
 from compose.generate import host_names, job_command, write_job
 
@@ -79,6 +79,7 @@ BASE_PACKAGES = (
 ADDRESS_POOL = "base=10.213.0.0/16,size=24"
 
 Log = Callable[[str], None]
+T = TypeVar("T")
 
 
 class HarnessError(RuntimeError):
@@ -149,7 +150,7 @@ def ensure_packages(log: Log = _log) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     _run(["apt-get", "update", "-q"], what="apt-get update", env=env)
     _run(
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
+        ["apt-get", "install", "-y", "-q", *missing],
         what="apt-get install",
         env=env,
     )
@@ -639,7 +640,7 @@ class Harness:
         """Packages, dockerd, base image, wheelhouse and image: everything a job needs."""
         timings: list[tuple[str, float]] = []
 
-        def step(name: str, fn: Callable[[], object]) -> object:
+        def step(name: str, fn: Callable[[], T]) -> T:
             t0 = time.monotonic()
             result = fn()
             timings.append((name, time.monotonic() - t0))
@@ -649,14 +650,13 @@ class Harness:
         state_dir.mkdir(parents=True, exist_ok=True)
         session = _session_lock(state_dir / "session.lock", log)
         try:
-            engine = Engine.start(state_dir, log)
+            engine = step("dockerd start", lambda: Engine.start(state_dir, log))
         except BaseException:
             session.close()
             raise
         try:
-            base = base_image or str(step("base image", lambda: ensure_base_image(engine, log)))
+            base = base_image or step("base image", lambda: ensure_base_image(engine, log))
             wheels = step("wheelhouse", lambda: ensure_wheelhouse(log=log))
-            assert isinstance(wheels, Wheelhouse)
             step("image build", lambda: build_image(engine, base, wheels, code_dir, log=log))
         except BaseException:
             engine.stop()
