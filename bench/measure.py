@@ -1,0 +1,397 @@
+"""The six measurements of issue 10. Each returns a JSON-able dict of raw runs.
+
+Launchers are interleaved run by run (the order rotates each round), so load from anything
+else on the machine spreads over all of them instead of landing on one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.launchers import Launch, alive, start
+
+TICK = os.sysconf("SC_CLK_TCK")
+READY_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    work: Path
+    runs: int
+    launchers: tuple[str, ...]
+    quick: bool
+
+
+def rounds(plan: Plan, launchers: tuple[str, ...] | None = None) -> Iterator[tuple[int, str]]:
+    names = [n for n in (launchers or plan.launchers) if n in plan.launchers]
+    for r in range(plan.runs):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            yield r, name
+
+
+def _ready_s(launch: Launch) -> float | None:
+    got = launch.wait_records("ready", launch.world, READY_TIMEOUT_S)
+    if len(got) < launch.world:
+        return None
+    return max(r["t"] for r in got.values()) - launch.t0
+
+
+def _exit_s(launch: Launch, since: float) -> float | None:
+    if len(launch.exits) < len(launch.procs):
+        return None
+    return max(t for _, t in launch.exits.values()) - since
+
+
+def _codes(launch: Launch) -> list[int | None]:
+    return [launch.exits.get(i, (None, 0.0))[0] for i in range(len(launch.procs))]
+
+
+def _left_behind(launch: Launch) -> int:
+    return sum(1 for pid in launch.worker_pids() if alive(pid))
+
+
+def _stderr_tail(launch: Launch) -> str:
+    with contextlib.suppress(OSError):
+        return (launch.run_dir / "stderr").read_text(errors="replace")[-600:]
+    return ""
+
+
+# -- process-tree sampling (the launcher's own processes, not the workers) ----------
+
+
+class TreeSampler:
+    """Polls /proc every ``period`` s for the launcher processes under the top-level ones.
+
+    A process whose environment has ``RANK`` is a worker (every launcher sets it, the
+    launchers themselves never have it); everything else in the tree is launcher.
+    """
+
+    def __init__(self, launch: Launch, period: float = 0.1) -> None:
+        self.launch = launch
+        self.period = period
+        self.cpu: dict[int, float] = {}  # pid -> last seen utime+stime, seconds
+        self.hwm: dict[int, int] = {}  # pid -> peak resident KiB (VmHWM)
+        self.samples: list[tuple[float, float, int]] = []  # (time, launcher cpu s, rss KiB)
+        self._workers: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _children(self, pid: int) -> list[int]:
+        kids: list[int] = []
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    kids += [int(x) for x in f.read().split()]
+        return kids
+
+    def _is_worker(self, pid: int) -> bool:
+        if pid in self._workers:
+            return True
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            return True
+        if any(e.startswith(b"RANK=") for e in env):
+            self._workers.add(pid)
+            return True
+        return False
+
+    def _sample(self) -> None:
+        todo = [p.pid for p in self.launch.procs]
+        rss_total = 0
+        while todo:
+            pid = todo.pop()
+            todo += self._children(pid)
+            if self._is_worker(pid):
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/status") as f:
+                    status = dict(
+                        line.split(":", 1) for line in f.read().splitlines() if ":" in line
+                    )
+            except OSError:
+                continue
+            self.cpu[pid] = (int(fields[11]) + int(fields[12])) / TICK
+            hwm = int(status.get("VmHWM", "0 kB").split()[0])
+            self.hwm[pid] = max(self.hwm.get(pid, 0), hwm)
+            rss_total += int(status.get("VmRSS", "0 kB").split()[0])
+        self.samples.append((time.time(), sum(self.cpu.values()), rss_total))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self._sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    @property
+    def peak_kib(self) -> int:
+        return sum(self.hwm.values())
+
+
+# -- 1. time-to-ready -----------------------------------------------------------------
+
+
+def time_to_ready(plan: Plan, configs: list[tuple[int, int]]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for hosts, nproc in configs:
+        key = f"{hosts}x{nproc}"
+        per: dict[str, list[dict[str, Any]]] = {n: [] for n in plan.launchers}
+        for r, name in rounds(plan):
+            launch = start(name, hosts, nproc, ["--mode", "ready"], plan.work)
+            try:
+                ready = _ready_s(launch)
+                # Killed once ready: the teardown is not what this measures, and it halves
+                # the time the benchmark takes.
+                run: dict[str, Any] = {"run": r, "ready_s": ready}
+                if ready is None:
+                    run["error"] = _stderr_tail(launch)
+            finally:
+                launch.cleanup()
+            per[name].append(run)
+            _progress("time-to-ready", key, name, r, run.get("ready_s"))
+        results[key] = per
+    return {"configs": results}
+
+
+# -- 2. failure propagation -------------------------------------------------------------
+
+
+def failure(plan: Plan, configs: list[tuple[int, int]], cap_s: float) -> dict[str, Any]:
+    """The last rank (on the last host) raises after the all-reduce; the others hang."""
+    results: dict[str, Any] = {}
+    for hosts, nproc in configs:
+        key = f"{hosts}x{nproc}"
+        fail_rank = hosts * nproc - 1
+        per: dict[str, list[dict[str, Any]]] = {n: [] for n in plan.launchers}
+        for r, name in rounds(plan):
+            args = ["--mode", "fail", "--fail-rank", str(fail_rank)]
+            launch = start(name, hosts, nproc, args, plan.work)
+            run: dict[str, Any] = {"run": r}
+            try:
+                run["ready_s"] = _ready_s(launch)
+                raised = launch.wait_records("raise", 1, 60).get(fail_rank)
+                if raised is None:
+                    run["error"] = "the failing rank never raised: " + _stderr_tail(launch)
+                else:
+                    if name == "floor":
+                        # No launcher: the floor is the failing process's own exit; nothing
+                        # ends the others.
+                        proc = launch.procs[fail_rank]
+                        with contextlib.suppress(Exception):
+                            proc.wait(cap_s)
+                        code, t = launch.exits.get(fail_rank, (None, 0.0))
+                        run["latency_s"] = t - raised["t"] if code is not None else None
+                        run["codes"] = [code]
+                        run["others_ended"] = False
+                    else:
+                        ended = launch.wait(cap_s)
+                        run["codes"] = _codes(launch)
+                        run["latency_s"] = _exit_s(launch, raised["t"]) if ended else None
+                        firsts = [t for _, t in launch.exits.values()]
+                        run["first_exit_s"] = min(firsts) - raised["t"] if firsts else None
+                        run["others_ended"] = ended
+                        run["left_behind"] = _left_behind(launch) if ended else None
+            finally:
+                launch.cleanup()
+            per[name].append(run)
+            _progress("failure", key, name, r, run.get("latency_s"))
+        results[key] = per
+    return {"configs": results, "cap_s": cap_s}
+
+
+# -- 3. SIGTERM to exit -----------------------------------------------------------------
+
+
+def sigterm(plan: Plan, configs: list[tuple[int, int]], handler_s: float) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for hosts, nproc in configs:
+        key = f"{hosts}x{nproc}"
+        per: dict[str, list[dict[str, Any]]] = {n: [] for n in plan.launchers}
+        for r, name in rounds(plan):
+            args = ["--mode", "sigterm", "--handler-s", str(handler_s)]
+            launch = start(name, hosts, nproc, args, plan.work)
+            run: dict[str, Any] = {"run": r}
+            try:
+                run["ready_s"] = _ready_s(launch)
+                if run["ready_s"] is None:
+                    run["error"] = _stderr_tail(launch)
+                else:
+                    sent = launch.signal(signal.SIGTERM)
+                    ended = launch.wait(handler_s + 30)
+                    run["latency_s"] = _exit_s(launch, sent) if ended else None
+                    run["codes"] = _codes(launch)
+                    run["left_at_exit"] = _left_behind(launch)
+                    if run["left_at_exit"]:
+                        # Orphans may still be checkpointing: give them what a handler needs.
+                        time.sleep(handler_s + 1.0)
+                    run["left_after_1s"] = _left_behind(launch)
+                    ckpts = launch.records("ckpt")
+                    run["handlers_ran"] = len(ckpts)
+                    run["handlers_done_before_exit"] = sum(
+                        1
+                        for c in ckpts.values()
+                        if ended and c["t"] <= max(t for _, t in launch.exits.values())
+                    )
+                    if ended and len(ckpts) == launch.world:
+                        slowest = max(c["t"] for c in ckpts.values())
+                        run["overhead_s"] = _exit_s(launch, slowest)
+            finally:
+                launch.cleanup()
+            per[name].append(run)
+            _progress("sigterm", key, name, r, run.get("latency_s"))
+        results[key] = per
+    return {"configs": results, "handler_s": handler_s}
+
+
+# -- 4. log relay -----------------------------------------------------------------------
+
+
+def log_relay(
+    plan: Plan, sizes: list[int], nproc: int, error_class: bool, cap_s: float = 120.0
+) -> dict[str, Any]:
+    """``sizes`` lines of 100 bytes, split over ``nproc`` ranks, through each launcher.
+
+    Timed from the first worker's start to the last exit, so the launcher's own start-up
+    (torch's import in torchrun, the toolkit's) is not counted as relay cost. With
+    ``error_class`` every line names ``ValueError`` and goes to stderr.
+    """
+    marker = b"ValueError" if error_class else b"loss 0.1234 x"
+    results: dict[str, Any] = {}
+    for lines in sizes:
+        key = f"{lines}"
+        per: dict[str, list[dict[str, Any]]] = {n: [] for n in plan.launchers}
+        for r, name in rounds(plan):
+            sink = plan.work / f"relay-{os.getpid()}.log"
+            sink.unlink(missing_ok=True)
+            args = ["--mode", "log", "--lines", str(lines // nproc)]
+            args += ["--error-class", "1" if error_class else "0"]
+            launch = start(name, 1, nproc, args, plan.work, stdout=sink)
+            sampler = TreeSampler(launch)
+            run: dict[str, Any] = {"run": r}
+            try:
+                ended = launch.wait(cap_s)
+                sampler.stop()
+                pids = launch.records("pid")
+                if ended and pids:
+                    run["wall_s"] = _exit_s(launch, min(p["t"] for p in pids.values()))
+                run["codes"] = _codes(launch)
+                run["lines_out"] = _intact_lines([sink, launch.run_dir / "stderr"], marker)
+                run["peak_mib"] = round(sampler.peak_kib / 1024, 1) if name != "floor" else None
+            finally:
+                sampler.stop()
+                launch.cleanup()
+                sink.unlink(missing_ok=True)
+            per[name].append(run)
+            _progress("log-relay", key, name, r, run.get("wall_s"))
+        results[key] = per
+    return {
+        "configs": results,
+        "nproc": nproc,
+        "line_bytes": 100,
+        "error_class": error_class,
+        "cap_s": cap_s,
+    }
+
+
+def _intact_lines(paths: list[Path], marker: bytes) -> int:
+    """Worker lines that arrived whole: one line, one rank, the full 100 bytes' tail.
+
+    Writes over 4 KiB into a shared pipe are not atomic, so a launcher that hands its
+    ranks one pipe can splice two ranks' lines into each other.
+    """
+    tail = b"x" * 40 + b"\n"
+    count = 0
+    for path in paths:
+        with contextlib.suppress(OSError), open(path, "rb") as f:
+            for line in f:
+                if line.endswith(tail) and line.count(b"rank ") == 1 and marker in line:
+                    count += 1
+    return count
+
+
+# -- 5. agent overhead while training ---------------------------------------------------
+
+
+def overhead(plan: Plan, nproc: int, seconds: float) -> dict[str, Any]:
+    per: dict[str, list[dict[str, Any]]] = {n: [] for n in plan.launchers if n != "floor"}
+    for r, name in rounds(plan, tuple(per)):
+        args = ["--mode", "train", "--seconds", str(seconds)]
+        launch = start(name, 1, nproc, args, plan.work)
+        sampler = TreeSampler(launch, period=0.25)
+        run: dict[str, Any] = {"run": r}
+        try:
+            ready = _ready_s(launch)
+            ended = launch.wait(seconds + 120)
+            sampler.stop()
+            run["codes"] = _codes(launch)
+            if ready is None or not ended:
+                run["error"] = _stderr_tail(launch)
+            else:
+                lo, hi = launch.t0 + ready + 0.5, launch.t0 + ready + seconds - 0.5
+                window = [s for s in sampler.samples if lo <= s[0] <= hi]
+                if len(window) >= 2:
+                    (t1, c1, _), (t2, c2, _) = window[0], window[-1]
+                    run["cpu_pct_of_core"] = 100.0 * (c2 - c1) / (t2 - t1)
+                    run["cpu_s_per_min"] = 60.0 * (c2 - c1) / (t2 - t1)
+                    run["rss_mib"] = round(max(s[2] for s in window) / 1024, 1)
+                    run["window_s"] = t2 - t1
+        finally:
+            sampler.stop()
+            launch.cleanup()
+        per[name].append(run)
+        _progress("overhead", f"1x{nproc}", name, r, run.get("cpu_pct_of_core"))
+    return {"configs": {f"1x{nproc}": per}, "train_s": seconds}
+
+
+# -- 6. bring-up scale ------------------------------------------------------------------
+
+
+def scale(plan: Plan, host_counts: list[int]) -> dict[str, Any]:
+    """smdist only: H simulated hosts x 1 trivial worker (no torch import)."""
+    results: dict[str, Any] = {}
+    for hosts in host_counts:
+        runs = []
+        for r in range(plan.runs):
+            launch = start(
+                "smdist", hosts, 1, ["--mode", "trivial"], plan.work, mark=rb"\] job: \d+ host"
+            )
+            run: dict[str, Any] = {"run": r}
+            try:
+                ended = launch.wait(300)
+                run["codes"] = _codes(launch)
+                if ended and len(launch.marks) == hosts:
+                    run["rendezvous_s"] = max(t for t, _ in launch.marks) - launch.t0
+                    ready = launch.records("ready")
+                    run["ready_s"] = max(v["t"] for v in ready.values()) - launch.t0
+                    run["exit_s"] = _exit_s(launch, launch.t0)
+                else:
+                    run["error"] = f"{len(launch.marks)} of {hosts} hosts rendezvoused"
+            finally:
+                launch.cleanup()
+            runs.append(run)
+            _progress("scale", f"{hosts}x1", "smdist", r, run.get("rendezvous_s"))
+        results[f"{hosts}x1"] = {"smdist": runs}
+    return {"configs": results}
+
+
+_reporter: Callable[[str], None] = print
+
+
+def _progress(what: str, key: str, name: str, r: int, value: float | None) -> None:
+    shown = "-" if value is None else f"{value:.3f}"
+    _reporter(f"  {what:13} {key:>8} run {r + 1}  {name:9} {shown}")

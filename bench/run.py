@@ -1,0 +1,154 @@
+"""``python -m bench.run``: run the launcher benchmarks of issue 10 and write the results.
+
+Writes ``bench/results/<measurement>.json`` (raw runs and summaries), the tables of
+``docs/benchmarks.md`` (between its ``bench:begin``/``bench:end`` markers; the prose
+around them is kept) and ``docs/benchmarks-time-to-ready.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import launchers, measure, report
+
+ROOT = Path(__file__).resolve().parent.parent
+MEASUREMENTS = ("ready", "failure", "sigterm", "relay", "relay-errors", "overhead", "scale")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="2 runs, small sizes: to check the harness")
+    p.add_argument("--runs", type=int, help="runs per launcher and configuration (default 5)")
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=MEASUREMENTS,
+        help="run only this measurement (repeatable)",
+    )
+    p.add_argument(
+        "--launchers",
+        default=",".join(launchers.LAUNCHERS),
+        help="comma-separated subset of " + ",".join(launchers.LAUNCHERS),
+    )
+    p.add_argument("--results", type=Path, default=ROOT / "bench" / "results", metavar="DIR")
+    p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md", metavar="FILE")
+    p.add_argument("--no-docs", action="store_true", help="write the JSON results only")
+    return p
+
+
+def _machine() -> dict[str, Any]:
+    from importlib.metadata import version
+
+    load = os.getloadavg()
+    return {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "cpus": os.cpu_count(),
+        "load_avg_1m_at_start": round(load[0], 2),
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "platform": platform.platform(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    chosen = tuple(n.strip() for n in ns.launchers.split(",") if n.strip())
+    unknown = [n for n in chosen if n not in launchers.LAUNCHERS]
+    if unknown:
+        _parser().error(f"--launchers: unknown {', '.join(unknown)}")
+    usable = []
+    for name in chosen:
+        why = launchers.missing(name)
+        if why:
+            print(f"bench: skipping {name}: {why}", file=sys.stderr)
+        else:
+            usable.append(name)
+    if not usable:
+        _parser().error("no launcher left to measure")
+    if "floor" not in usable:
+        print("bench: no floor among --launchers: no ratios to the floor", file=sys.stderr)
+    runs = ns.runs or (2 if ns.quick else 5)
+    quick = ns.quick
+    work = Path(tempfile.mkdtemp(prefix="smdist-bench-"))
+    plan = measure.Plan(work=work, runs=runs, launchers=tuple(usable), quick=quick)
+    selected = ns.only or list(MEASUREMENTS)
+    # Every failure and SIGTERM run starts with the same launch -> ready phase, so their
+    # ready times are the time-to-ready samples of 1x4 and 2x2 when those run too.
+    borrowed = {"1x4": "sigterm", "2x2": "failure"}
+    ready_configs = [(1, 1), (1, 2), (1, 4), (2, 2), (4, 1)]
+    ready_configs = [c for c in ready_configs if borrowed.get(f"{c[0]}x{c[1]}") not in selected]
+    steps: dict[str, Callable[[], dict[str, Any]]] = {
+        "ready": lambda: measure.time_to_ready(plan, ready_configs),
+        "failure": lambda: measure.failure(plan, [(1, 4), (2, 2)], cap_s=3.0),
+        "sigterm": lambda: measure.sigterm(plan, [(1, 4)], handler_s=0.3),
+        "relay": lambda: measure.log_relay(
+            plan, [20_000, 200_000] if quick else [200_000, 2_000_000], 4, error_class=False
+        ),
+        "relay-errors": lambda: measure.log_relay(
+            plan, [5_000, 20_000] if quick else [10_000, 40_000], 4, error_class=True, cap_s=30
+        ),
+        "overhead": lambda: measure.overhead(plan, 4, 4.0 if quick else 8.0),
+        "scale": lambda: measure.scale(plan, [1, 4, 16] if quick else [1, 2, 4, 8, 16, 32, 64]),
+    }
+    ns.results.mkdir(parents=True, exist_ok=True)
+    machine = _machine()
+    print(
+        f"bench: {runs} run(s) each, launchers {', '.join(usable)}, "
+        f"{machine['cpus']} CPUs, load {machine['load_avg_1m_at_start']}",
+        file=sys.stderr,
+    )
+    done: dict[str, dict[str, Any]] = {}
+    try:
+        for name in selected:
+            began = time.monotonic()
+            print(f"bench: {name}", file=sys.stderr)
+            data = steps[name]()
+            data.update(
+                measurement=name,
+                runs=runs,
+                quick=quick,
+                machine=machine,
+                load_avg_1m_at_end=round(os.getloadavg()[0], 2),
+                duration_s=round(time.monotonic() - began, 1),
+                launchers=list(usable),
+            )
+            done[name] = data
+            print(f"bench: {name} took {data['duration_s']:.0f} s", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if "ready" in done:
+        for key, source in borrowed.items():
+            if source in done and key in done[source]["configs"]:
+                per = done[source]["configs"][key]
+                done["ready"]["configs"][key] = {
+                    n: [
+                        {"run": r["run"], "ready_s": r.get("ready_s"), "from": source} for r in runs
+                    ]
+                    for n, runs in per.items()
+                }
+        order = [f"{h}x{p}" for h, p in [(1, 1), (1, 2), (1, 4), (2, 2), (4, 1)]]
+        cfg = done["ready"]["configs"]
+        done["ready"]["configs"] = {k: cfg[k] for k in order if k in cfg}
+    for name, data in done.items():
+        report.summarize(name, data)
+        path = ns.results / f"{name}.json"
+        path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        print(f"bench: -> {path}", file=sys.stderr)
+    if not ns.no_docs:
+        report.write_docs(ns.results, ns.docs)
+        print(f"bench: tables -> {ns.docs}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

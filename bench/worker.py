@@ -1,0 +1,142 @@
+"""The one worker script every launcher runs in the benchmarks (plain torch, no smdist API).
+
+Each rank records what the harness measures as small JSON files under ``--out``:
+``pid-R`` at start, ``ready-R`` once past ``init_process_group`` and one all-reduce,
+``raise-R`` just before the failing rank raises, ``ckpt-R`` when its SIGTERM handler has
+written its checkpoint. Times are ``time.time()`` so the harness can compare them with
+its own clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+LINE_BYTES = 100
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _record(out: Path, name: str, **data: Any) -> None:
+    tmp = out / f".{name}.tmp"
+    tmp.write_text(json.dumps({"t": time.time(), "pid": os.getpid(), **data}))
+    os.replace(tmp, out / name)  # the harness never sees a half-written record
+
+
+def _init() -> Any:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    return t
+
+
+def _hang() -> None:
+    # Blocks where only a signal ends it: what a rank stuck in a collective looks like.
+    while True:
+        time.sleep(3600)
+
+
+def _checkpoint_on_sigterm(out: Path, rank: int, handler_s: float) -> None:
+    def handler(_signum: int, _frame: object) -> None:
+        started = time.time()
+        import torch
+
+        path = out / f"checkpoint-{rank}.pt"
+        torch.save({"step": 1, "weights": torch.zeros(256, 1024)}, path)  # 1 MiB
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        rest = handler_s - (time.time() - started)
+        if rest > 0:
+            time.sleep(rest)  # a bigger model's save, at a known cost
+        _record(out, f"ckpt-{rank}", started=started)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _log(lines: int, error_class: bool) -> None:
+    rank = _rank()
+    # A line naming an error class goes to stderr, where launchers look for errors.
+    word = "ValueError" if error_class else "step"
+    out = sys.stderr.buffer if error_class else sys.stdout.buffer
+    batch = 1000
+    for start in range(0, lines, batch):
+        chunk = []
+        for i in range(start, min(start + batch, lines)):
+            head = f"rank {rank} {word} {i} loss 0.1234 "
+            chunk.append(head.ljust(LINE_BYTES - 1, "x") + "\n")
+        out.write("".join(chunk).encode())
+    out.flush()
+
+
+def _train(out: Path, seconds: float) -> None:
+    import torch.distributed as dist
+
+    t = _init()
+    rank = _rank()
+    _record(out, f"ready-{rank}")
+    end = time.time() + seconds
+    step = 0
+    while time.time() < end:
+        dist.all_reduce(t)
+        step += 1
+        if step % 25 == 0:
+            print(f"rank {rank} step {step} loss {1.0 / step:.4f}", flush=True)
+        time.sleep(0.02)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--fail-rank", type=int, default=-1)
+    p.add_argument("--lines", type=int, default=0)
+    p.add_argument("--error-class", type=int, default=0)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--handler-s", type=float, default=0.3)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    rank = _rank()
+    _record(out, f"pid-{rank}")
+    if args.mode == "trivial":
+        _record(out, f"ready-{rank}")
+    elif args.mode == "log":
+        _log(args.lines, bool(args.error_class))
+    elif args.mode == "train":
+        _train(out, args.seconds)
+    elif args.mode in ("ready", "fail", "sigterm"):
+        if args.mode == "sigterm":
+            _checkpoint_on_sigterm(out, rank, args.handler_s)
+        _init()
+        _record(out, f"ready-{rank}")
+        if args.mode == "fail":
+            if rank == args.fail_rank:
+                _record(out, f"raise-{rank}")
+                raise RuntimeError(f"rank {rank} fails on purpose")
+            _hang()
+        elif args.mode == "sigterm":
+            _hang()
+        else:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    else:
+        p.error(f"unknown --mode {args.mode!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
