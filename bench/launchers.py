@@ -160,7 +160,9 @@ def _read_marks(launch: Launch, src: IO[bytes], sink: IO[bytes], mark: re.Patter
 def _toolkit_tree(root: Path, host: int, hosts: int, nproc: int, args: list[str]) -> Path:
     names = [f"127.0.0.{i + 1}" for i in range(hosts)]
     config = root / "input" / "config"
-    config.mkdir(parents=True)
+    # What SageMaker creates: without output/ the toolkit's failure path itself fails.
+    for d in (config, root / "input" / "data", root / "model", root / "output" / "data"):
+        d.mkdir(parents=True)
     code = root / "submit"
     code.mkdir()
     shutil.copy(WORKER, code / WORKER.name)

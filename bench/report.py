@@ -351,8 +351,14 @@ def _chart(d: dict[str, Any], path: Path) -> bool:
             hi.append(s.get("max", m) - m)
         xs = [x + (i - (len(names) - 1) / 2) * width for x in range(len(configs))]
         ax.bar(xs, med, width, yerr=[lo, hi], capsize=3, label=n)
+    labels = []
+    for key in configs:
+        h, p = (int(x) for x in key.split("x"))
+        labels.append(
+            f"{h} host{'s' if h > 1 else ''} x {p}\n{h * p} process{'es' if h * p > 1 else ''}"
+        )
     ax.set_xticks(range(len(configs)))
-    ax.set_xticklabels([f"{k.split('x')[0]} host x {k.split('x')[1]}" for k in configs])
+    ax.set_xticklabels(labels)
     ax.set_ylabel("launch to every rank past one all-reduce (s)")
     ax.set_title("Time-to-ready: median, bars min-max")
     ax.legend()
