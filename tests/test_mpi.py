@@ -184,10 +184,6 @@ def test_rank_raising_under_torch_fails_the_job_with_its_traceback(tmp_path: Pat
     assert text.startswith("UserScriptError: KeyError: \"missing column 'label'\"")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the supervisor to take host/rank from an error record reported_by mpirun",
-)
 def test_failure_file_names_the_failing_rank_not_the_launcher(tmp_path: Path) -> None:
     script = write_script(tmp_path / "fail.py", MPI4PY_RAISE)
     opt_ml = make_tree(tmp_path / "opt_ml")
@@ -265,6 +261,7 @@ def test_relay_rebuilds_lines_that_open_mpi_split_and_interleaved() -> None:
         b"[1,1]<stdout>:line[1,0]<stdout>:hello from 0[1,1]<stdout>: one\n"
         b"[1,0]<stdout>: still 0\n"
         b"mpirun: its own words\n"
+        b"[1,2]<stderr>:smdist: rank 2 on algo-2 failed (exit 3)\n"
         b"[1,3]<stdout>:unfinished"
     )
     r, w = os.pipe()
@@ -282,8 +279,11 @@ def test_relay_rebuilds_lines_that_open_mpi_split_and_interleaved() -> None:
         "[algo-1/1] line one",
         "[algo-1/0] hello from 0 still 0",
         "mpirun: its own words",
+        "[algo-2/2] smdist: rank 2 on algo-2 failed (exit 3)",
         "[algo-2/3] unfinished",
     ]
+    # A rank's own word that it failed: the root cause when mpirun's report is lost.
+    assert relay.first_failure == mpi.RootCause(2, "algo-2", 0, 3)
 
 
 def test_mpirun_command_for_two_hosts_forwards_no_per_host_values() -> None:
@@ -400,7 +400,7 @@ def _two_hosts(tmp_path: Path, script: Path, ssh_env: dict[str, str]) -> dict[st
     out = {}
     for h, p in procs.items():
         try:
-            stdout, stderr = p.communicate(timeout=90)  # the hang guard
+            stdout, stderr = p.communicate(timeout=45)  # the hang guard (a run takes ~5 s)
         finally:
             p.kill()
         out[h] = (p.returncode, stdout, stderr)
@@ -435,6 +435,8 @@ def test_two_hosts_a_rank_raising_on_algo_2_fails_every_host(
     for host, (code, _, stderr) in results.items():
         assert code == 1, f"{host}: {stderr}"
         text = (tmp_path / host / "output" / "failure").read_text()
-        assert text.startswith("UserScriptError: ValueError: rank 1 fails on purpose"), text
+        first = text.splitlines()[0]
+        assert first.startswith("UserScriptError: ValueError: rank 1 fails on purpose"), text
+        assert first.endswith("(host algo-2, rank 3, exit 1)"), text
     out = results["algo-1"][1] + results["algo-1"][2]
     assert "mpirun: rank 3 on algo-2 failed first (exit 1)" in out

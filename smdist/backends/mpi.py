@@ -402,6 +402,7 @@ _ABORTED = re.compile(
     r"MPI_ABORT was invoked on rank (\d+) in communicator \S+.*?errorcode:?\s*(-?\d+)",
     re.DOTALL | re.IGNORECASE,
 )
+_RANK_FAILED = re.compile(r"^smdist: rank (\d+) on (\S+) failed \(exit (-?\d+)\)$")
 _SIGNALLED = re.compile(
     r"noticed that process rank (\d+) with PID \d+ on node (\S+) exited on signal (\d+)"
 )
@@ -457,6 +458,8 @@ class _Relay:
         self.rank_tails: dict[int, collections.deque[str]] = {}
         self.mpirun_tail: collections.deque[str] = collections.deque(maxlen=200)
         self.lock = threading.Lock()
+        self.first_failure: RootCause | None = None
+        """The first rank that said it failed (``mpi_rank.failure_line``)."""
 
     def _line(self, rank: int | None, stream: bytes, text: bytes) -> bytes:
         decoded = text.decode("utf-8", "replace")[:1000]
@@ -467,6 +470,12 @@ class _Relay:
             if stream != b"stdout":
                 tail = self.rank_tails.setdefault(rank, collections.deque(maxlen=TAIL_LINES))
                 tail.append(decoded)
+                said = _RANK_FAILED.match(decoded)
+                if said and self.first_failure is None and int(said.group(1)) == rank:
+                    _, local = place(self.hosts, rank)
+                    self.first_failure = RootCause(
+                        rank, said.group(2), local, int(said.group(3)) or 1
+                    )
         host, _ = place(self.hosts, rank)
         return b"[%s/%d] %s\n" % (host.encode(), rank, text)
 
@@ -542,7 +551,7 @@ def launch(argv: Sequence[str], hosts: Sequence[tuple[str, int]], job: Path, err
         t.join(timeout=10)
     if code == 0:
         return 0
-    root = parse_root_cause(list(relay.mpirun_tail), hosts)
+    root = parse_root_cause(list(relay.mpirun_tail), hosts) or relay.first_failure
     if root is None:
         sys.stderr.write(f"smdist: mpirun exited with code {code}; no failing rank reported\n")
         return code if code > 0 else 128 - code

@@ -131,6 +131,20 @@ def _abort_mpi(code: int) -> None:
     mpi.COMM_WORLD.Abort(code)
 
 
+def failure_line(rank: str, host: str, code: int) -> str:
+    """What a failing rank says on stderr: the launcher's witness when mpirun's own report
+    is lost (Open MPI 4.1 sometimes drops it)."""
+    return f"smdist: rank {rank} on {host} failed (exit {code})"
+
+
+def _failed(code: int) -> None:
+    rank = os.environ.get("RANK", "?")
+    host = os.environ.get("SM_CURRENT_HOST", socket.gethostname())
+    sys.stderr.write(failure_line(rank, host, code) + "\n")
+    sys.stderr.flush()
+    _abort_mpi(code)
+
+
 def _run_python(args: list[str]) -> None:
     """The bootstrap in this process, so an uncaught exception can abort the MPI world."""
     from smdist import bootstrap
@@ -143,11 +157,11 @@ def _run_python(args: list[str]) -> None:
             if not isinstance(code, int):
                 sys.stderr.write(f"{code}\n")
                 code = 1
-            _abort_mpi(code)
+            _failed(code)
         raise
     except BaseException:
         traceback.print_exc()
-        _abort_mpi(1)
+        _failed(1)
         raise SystemExit(1) from None
 
 
