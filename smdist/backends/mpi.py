@@ -141,7 +141,7 @@ def mpirun_argv(
     argv += ["-np", str(sum(n for _, n in hosts)), "-H", ",".join(f"{h}:{n}" for h, n in hosts)]
     # Ranks bind their own GPU; MPI's core binding starves data loaders.
     for flag, value in (("--bind-to", "none"), ("--map-by", "slot")):
-        if flag not in user_flags and flag.lstrip("-") not in user_flags:
+        if flag not in user_flags and flag[1:] not in user_flags:  # -map-by works too
             argv += [flag, value]
     argv.append("--tag-output")
     mca = [
