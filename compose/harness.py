@@ -75,6 +75,8 @@ BASE_PACKAGES = (
     "procps",
     "iproute2",
 )
+# Marks a dockerd that `up` left running on purpose (sessions use it and leave it running).
+DETACHED = "dockerd.detached"
 # A private pool so the job networks cannot collide with another engine's 172.17/16.
 ADDRESS_POOL = "base=10.213.0.0/16,size=24"
 
@@ -178,6 +180,7 @@ class Engine:
 
     state_dir: Path
     pid: int | None = None
+    adopted: bool = False  # a leftover of a dead session, stopped by its recorded pid
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -228,8 +231,14 @@ class Engine:
         engine = cls(state_dir)
         with _locked(state_dir / "engine.lock"):
             if engine.socket.exists() and engine.alive():
-                log(f"reusing the harness's dockerd on {engine.socket}")
+                if (state_dir / DETACHED).exists():
+                    log(f"using the dockerd `up` left on {engine.socket}")
+                else:
+                    # Left behind by a session that died: ours to stop when done.
+                    log(f"adopting a leftover harness dockerd on {engine.socket}")
+                    engine.adopted = True
                 return engine
+            (state_dir / DETACHED).unlink(missing_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 engine.socket.unlink()
             # A short exec root: containerd's socket path must fit in 108 bytes.
@@ -275,6 +284,9 @@ class Engine:
 
     def stop(self, timeout: float = 60) -> None:
         """Stop the dockerd this process started (SIGTERM, then SIGKILL); others are left alone."""
+        if self.adopted:
+            self.adopted = False
+            stop_recorded_engine(self.state_dir, timeout=timeout)
         if self._proc is None:
             return
         proc, self._proc, self.pid = self._proc, None, None
@@ -692,8 +704,10 @@ class Harness:
 
     def detach(self) -> None:
         """Leave the dockerd running (``up``); ``python -m compose.harness down`` stops it."""
+        (self.engine.state_dir / DETACHED).touch()
         self.engine._proc = None
         self.engine.pid = None
+        self.engine.adopted = False
         self.close()
 
     def run_job(
@@ -900,6 +914,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.cmd == "down":
             stop_recorded_engine()
+            (STATE_DIR / DETACHED).unlink(missing_ok=True)
             return 0
         h = Harness.start(code_dir=ns.code.resolve(), base_image=ns.base_image)
         if ns.cmd in ("up", "build"):
