@@ -668,6 +668,9 @@ class Harness:
             raise
         try:
             base = base_image or step("base image", lambda: ensure_base_image(engine, log))
+            if not base_image:
+                # The Dockerfile's default BASE_IMAGE, for a plain `docker build` on this engine.
+                engine.docker("tag", base, "smdist-base:latest", what="docker tag")
             wheels = step("wheelhouse", lambda: ensure_wheelhouse(log=log))
             step("image build", lambda: build_image(engine, base, wheels, code_dir, log=log))
         except BaseException:
@@ -890,6 +893,18 @@ class Harness:
 # --------------------------------------------------------------------------- CLI
 
 
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of hosts >= 1, got {text!r}")
+    return int(text)
+
+
+def _job_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text):
+        raise argparse.ArgumentTypeError(f"expected letters, digits, '_', '.', '-', got {text!r}")
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m compose.harness",
@@ -903,14 +918,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     for p in (up, build, run):
         p.add_argument("--code", type=Path, default=SCRIPTS_DIR, help="dir copied to /opt/ml/code")
         p.add_argument("--base-image", default=None, help="base image (default: debootstrap)")
-    run.add_argument("--hosts", type=int, default=2)
+    run.add_argument("--hosts", type=_count, default=2, help="number of hosts (default 2)")
     run.add_argument("--nproc-per-host", default=None, help="auto or N")
-    run.add_argument("--name", default="job", help="job name (work dir .smdist-work/compose/NAME)")
+    run.add_argument(
+        "--name", type=_job_name, default="job", help="work dir .smdist-work/compose/NAME"
+    )
     run.add_argument("--timeout", type=float, default=1800)
     run.add_argument("script", help="entry script, relative to --code")
     run.add_argument("args", nargs=argparse.REMAINDER)
     sub.add_parser("down", help="stop the dockerd that `up` left running")
     ns = parser.parse_args(argv)
+    if ns.cmd != "down":
+        if not ns.code.is_dir():
+            parser.error(f"--code {ns.code}: not a directory")
+        in_code = ns.cmd == "run" and not Path(ns.script).is_absolute()
+        if in_code and not (ns.code / ns.script).is_file():
+            parser.error(f"script {ns.script}: not found in --code {ns.code}")
     try:
         if ns.cmd == "down":
             stop_recorded_engine()
