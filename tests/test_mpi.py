@@ -440,3 +440,20 @@ def test_two_hosts_a_rank_raising_on_algo_2_fails_every_host(
         assert first.endswith("(host algo-2, rank 3, exit 1)"), text
     out = results["algo-1"][1] + results["algo-1"][2]
     assert "mpirun: rank 3 on algo-2 failed first (exit 1)" in out
+
+
+def test_simulated_two_hosts_under_mpi_each_rank_sees_its_own_host(tmp_path: Path) -> None:
+    # --simulate maps every host to 127.0.0.1: mpirun starts all ranks itself, no ssh.
+    script = write_script(tmp_path / "allreduce.py", MPI4PY_ALLREDUCE)
+    work = tmp_path / "work"
+    r = run(["--simulate", "2x2", "--backend", "mpi", "--work-dir", str(work), str(script)], 45)
+    assert r.returncode == 0, r.stderr
+    assert "no ssh needed" in r.stderr
+    reports = {**_reports(work / "algo-1"), **_reports(work / "algo-2")}
+    assert sorted(reports) == [0, 1, 2, 3]
+    for rank, rep in reports.items():
+        assert rep["sum"] == 1 + 2 + 3 + 4
+        host = "algo-1" if rank < 2 else "algo-2"
+        assert (work / host / "output" / "data" / f"rank-{rank}.json").exists()
+        assert rep["env"]["SM_CURRENT_HOST"] == host
+        assert (rep["env"]["LOCAL_RANK"], rep["env"]["LOCAL_WORLD_SIZE"]) == (str(rank % 2), "2")

@@ -326,9 +326,14 @@ def worker_specs(
     link = job_dir(plan)
     _link_host_dir(link, host, run_dir)
     port = ssh_port(base_env)
-    others = [h for h in layout.hosts if h != host]
+    others = [h for h in layout.hosts if h != host and plan.addresses.get(h, h) != plan.master_addr]
     if host != layout.master:
-        log.info("MPI: %s; mpirun on %s starts this host's ranks", ensure_sshd(port), layout.master)
+        mine, master = plan.addresses.get(host), plan.addresses.get(layout.master)
+        if mine is not None and mine == master:  # one machine (--simulate): no ssh at all
+            done = f"same address as {layout.master}, no ssh needed"
+        else:
+            done = ensure_sshd(port)
+        log.info("MPI: %s; mpirun on %s starts this host's ranks", done, layout.master)
         if coordinator is not None:
             coordinator.publish(SSHD_READY_KEY + host, "1")
         return []

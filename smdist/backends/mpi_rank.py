@@ -48,14 +48,17 @@ def place(hosts: Sequence[tuple[str, int]], rank: int) -> tuple[str, int]:
     return "?", 0
 
 
-def host_dir(job_dir: Path, environ: Mapping[str, str]) -> Path:
+def host_dir(job_dir: Path, environ: Mapping[str, str]) -> tuple[Path, dict[str, str]]:
     """This rank's host's directory: the only one on this machine, or (hosts sharing a
-    machine, a simulation) the host mpirun placed the rank on."""
+    machine, a simulation) the host mpirun placed the rank on, with the local rank and
+    size on that host (Open MPI counts one machine as one node)."""
     found = [p for p in job_dir.iterdir() if (p / HOST_FILE).is_file()]
     if len(found) == 1:
-        return found[0]
-    host, _ = place(parse_hosts(environ.get(HOSTS_ENV, "")), int(environ["OMPI_COMM_WORLD_RANK"]))
-    return job_dir / host
+        return found[0], {}
+    hosts = parse_hosts(environ.get(HOSTS_ENV, ""))
+    host, local = place(hosts, int(environ["OMPI_COMM_WORLD_RANK"]))
+    size = dict(hosts).get(host, 1)
+    return job_dir / host, {"LOCAL_RANK": str(local), "LOCAL_WORLD_SIZE": str(size)}
 
 
 def rank_environment(
@@ -185,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     path = Path(job_dir) / HOST_FILE
     try:
-        path = host_dir(Path(job_dir), os.environ) / HOST_FILE
+        where_dir, local = host_dir(Path(job_dir), os.environ)
+        path = where_dir / HOST_FILE
         host = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         sys.stderr.write(
@@ -194,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         raise SystemExit(2) from None
     env = rank_environment(os.environ, host, str(path.parent))
+    env.update(local)
     if args[:3] == [sys.executable, "-m", "smdist.bootstrap"]:
         os.environ.clear()
         os.environ.update(env)
