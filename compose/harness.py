@@ -439,12 +439,14 @@ def _project_dependencies() -> list[str]:
     return [TORCH, *deps, *EXTRA_WHEELS]
 
 
-# Wheels for the image's Python (bookworm's 3.11), whatever Python runs the harness.
+# Wheels for the image's Python (bookworm's 3.11; set SMDIST_COMPOSE_PYTHON for another
+# base image), whatever Python runs the harness.
+IMAGE_PYTHON = os.environ.get("SMDIST_COMPOSE_PYTHON", "3.11")
 _IMAGE_PLATFORM = (
     "--only-binary=:all:",
-    "--python-version", "3.11",
+    "--python-version", IMAGE_PYTHON,
     "--implementation", "cp",
-    "--abi", "cp311",
+    "--abi", "cp" + IMAGE_PYTHON.replace(".", ""),
     "--platform", "manylinux_2_28_x86_64",
     "--platform", "manylinux_2_17_x86_64",
     "--platform", "manylinux2014_x86_64",
