@@ -776,9 +776,14 @@ class Harness:
                 )
             except subprocess.TimeoutExpired:
                 self.log(f"{name}: containers still running after {timeout:.0f}s; killing them")
-                subprocess.run(
-                    [docker_cli(), "kill", *ids], env=env, capture_output=True, check=False
-                )
+                for verb in ("kill", "wait"):  # exited ones just answer with an error
+                    subprocess.run(
+                        [docker_cli(), verb, *ids],
+                        env=env,
+                        capture_output=True,
+                        timeout=60,
+                        check=False,
+                    )
             seconds = time.monotonic() - t0
             results = {r.host: r for r in (self._collect(cid, work) for cid in ids)}
         finally:

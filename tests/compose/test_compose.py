@@ -135,3 +135,10 @@ def test_docker_run_image_train_single_host(harness: Harness, tmp_path: Path) ->
     record = json.loads((output / "data" / "ranks" / "rank-0.json").read_text())
     assert record["world_size"] == 1 and record["allreduce"] == 1.0, record
     assert "[algo-1/0] allreduce=1 world_size=1 rank=0 host=algo-1" in log
+
+
+def test_a_hung_job_is_killed_at_its_timeout(harness: Harness) -> None:
+    # The harness's own guarantee: a job that never ends cannot hang the tier.
+    job = harness.run_job("hung", hosts=2, command=["sleep", "600"], timeout=5)
+    assert job.exit_codes == {"algo-1": 137, "algo-2": 137}, job.logs()
+    assert job.seconds < 5 + 60, job.seconds  # hang guard: the kill, not sleep's end
