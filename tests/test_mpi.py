@@ -21,7 +21,17 @@ from typing import Any
 import pytest
 
 from smdist.backends import mpi, mpi_rank
-from tests.helpers import REPO, env, free_port, make_tree, run, start, write_script
+from tests.helpers import (
+    REPO,
+    env,
+    free_port,
+    make_tree,
+    pid_alive,
+    run,
+    start,
+    wait_for,
+    write_script,
+)
 
 pytestmark = pytest.mark.mpi
 
@@ -375,10 +385,12 @@ LOOPBACK = {"network_interface_name": "lo"}  # mpirun's interface options name i
 TCP_ONLY = {"sagemaker_mpi_custom_mpi_options": "--mca btl self,tcp"}
 
 
-def _two_hosts(tmp_path: Path, script: Path, ssh_env: dict[str, str]) -> dict[str, Any]:
+def _start_two_hosts(
+    tmp_path: Path, script: Path, ssh_env: dict[str, str], *flags: str
+) -> dict[str, subprocess.Popen[str]]:
     hosts = ["algo-1", "algo-2"]
     port = free_port()
-    procs = {
+    return {
         h: start(
             [
                 "--opt-ml",
@@ -391,12 +403,17 @@ def _two_hosts(tmp_path: Path, script: Path, ssh_env: dict[str, str]) -> dict[st
                 "mpi",
                 "--nproc-per-host",
                 "2",
+                *flags,
                 str(script),
             ],
             **ssh_env,
         )
         for h in hosts
     }
+
+
+def _two_hosts(tmp_path: Path, script: Path, ssh_env: dict[str, str]) -> dict[str, Any]:
+    procs = _start_two_hosts(tmp_path, script, ssh_env)
     out = {}
     for h, p in procs.items():
         try:
@@ -457,3 +474,43 @@ def test_simulated_two_hosts_under_mpi_each_rank_sees_its_own_host(tmp_path: Pat
         assert (work / host / "output" / "data" / f"rank-{rank}.json").exists()
         assert rep["env"]["SM_CURRENT_HOST"] == host
         assert (rep["env"]["LOCAL_RANK"], rep["env"]["LOCAL_WORLD_SIZE"]) == (str(rank % 2), "2")
+
+
+SLEEPER = """
+import os, time
+from mpi4py import MPI
+rank = MPI.COMM_WORLD.Get_rank()
+with open(os.path.join({out!r}, f"pid-{{rank}}"), "w") as f:
+    f.write(str(os.getpid()))
+time.sleep(300)
+"""
+
+
+def test_two_hosts_master_killed_worker_host_exits_and_no_rank_survives(
+    tmp_path: Path, private_sshd: dict[str, str]
+) -> None:
+    script = write_script(tmp_path / "sleep.py", SLEEPER.format(out=str(tmp_path)))
+    procs = _start_two_hosts(tmp_path, script, private_sshd, "--heartbeat-timeout", "3")
+    try:
+        pids = wait_for(
+            lambda: (
+                [int((tmp_path / f"pid-{r}").read_text()) for r in range(4)]
+                if all((tmp_path / f"pid-{r}").exists() for r in range(4))
+                else None
+            ),
+            45,
+            "all four ranks to start",
+        )
+        procs["algo-1"].kill()  # the master's container is gone, agent and all
+        _, stderr = procs["algo-2"].communicate(timeout=30)  # heartbeat 3 s: the hang guard
+        assert procs["algo-2"].returncode != 0, stderr
+        assert (
+            "HostLost: host algo-1 stopped responding"
+            in (tmp_path / "algo-2" / "output" / "failure").read_text()
+        )
+        # Ranks die with their mpirun / orted on both hosts: nothing is orphaned.
+        wait_for(lambda: not any(pid_alive(p) for p in pids), 30, "every rank to exit")
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.communicate()
