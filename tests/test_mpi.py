@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from smdist.backends import mpi, mpi_rank
+from smdist.errors import RendezvousFailed
 from tests.helpers import (
     REPO,
     env,
@@ -514,3 +515,9 @@ def test_two_hosts_master_killed_worker_host_exits_and_no_rank_survives(
         for p in procs.values():
             p.kill()
             p.communicate()
+
+
+def test_master_gives_up_on_a_host_whose_sshd_never_answers() -> None:
+    closed = free_port()  # nothing listens there
+    with pytest.raises(RendezvousFailed, match=r"sshd did not become ready within 1 s on algo-2"):
+        mpi._wait_sshd_ready(None, ["algo-2"], {"algo-2": "127.0.0.1"}, closed, 1.0)

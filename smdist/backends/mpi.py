@@ -275,6 +275,7 @@ def _wait_sshd_ready(
     start = time.monotonic()
     keys = [SSHD_READY_KEY + h for h in hosts]
     missing = list(keys)
+    logged = start
     while True:
         left = timeout_s - (time.monotonic() - start)
         if coordinator is not None:
@@ -296,12 +297,14 @@ def _wait_sshd_ready(
                 f"sshd did not become ready within {timeout_s:.0f} s on {', '.join(names)} "
                 "(mpirun needs it on every host)"
             )
-        log.info(
-            "waiting for sshd on %s (%.0f s of %.0f s)",
-            ", ".join(names),
-            time.monotonic() - start,
-            timeout_s,
-        )
+        if time.monotonic() - logged >= 10.0:  # a line every 10 s, not every probe
+            logged = time.monotonic()
+            log.info(
+                "waiting for sshd on %s (%.0f s of %.0f s)",
+                ", ".join(names),
+                logged - start,
+                timeout_s,
+            )
 
 
 def worker_specs(
