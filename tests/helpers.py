@@ -81,6 +81,38 @@ def start(args: Sequence[str], **extra_env: str) -> subprocess.Popen[str]:
     )
 
 
+def start_hosts(
+    tmp_path: Path,
+    hosts: Sequence[str],
+    script: Path,
+    *flags: str,
+    started: Sequence[str] | None = None,
+    resolve: str = "static",
+) -> dict[str, subprocess.Popen[str]]:
+    """One real agent per host, each with its own /opt/ml tree under ``tmp_path/<host>``,
+    sharing a rendezvous port. Every tree lists all ``hosts``; only ``started`` (default
+    all) get an agent. ``resolve="static"`` maps every host to loopback (no DNS); else
+    pass ``--nameserver`` flags yourself."""
+    port = free_port()
+    how = ["--host-addresses", ",".join(f"{h}=127.0.0.1" for h in hosts)]
+    if resolve != "static":
+        how = []
+    return {
+        h: start(
+            [
+                "--opt-ml",
+                str(make_tree(tmp_path / h, h, hosts)),
+                "--rdzv-port",
+                str(port),
+                *how,
+                *flags,
+                str(script),
+            ]
+        )
+        for h in (started if started is not None else hosts)
+    }
+
+
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
     """Await a condition the test cannot be told about directly (a file a worker writes)."""
     deadline = time.monotonic() + timeout

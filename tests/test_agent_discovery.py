@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 from tests.dns_server import DnsServer
-from tests.helpers import free_port, make_tree, start, write_script
+from tests.helpers import start_hosts, write_script
 
 SCRIPT = """
 import json, os
@@ -17,25 +18,13 @@ with open(os.path.join(os.environ["SM_OUTPUT_DATA_DIR"], "seen.json"), "w") as f
 
 def _start(
     tmp_path: Path, hosts: list[str], dns: DnsServer, script: Path, *flags: str, only: int = 0
-) -> dict:
-    """One agent per host (the first ``only`` hosts); every file lists all of ``hosts``."""
-    port = free_port()
+) -> dict[str, subprocess.Popen[str]]:
+    """One agent per host (the first ``only`` hosts) asking ``dns``."""
     ns = "{}:{}".format(*dns.endpoint)
-    return {
-        h: start(
-            [
-                "--opt-ml",
-                str(make_tree(tmp_path / h, h, hosts)),
-                "--rdzv-port",
-                str(port),
-                "--nameserver",
-                ns,
-                *flags,
-                str(script),
-            ]
-        )
-        for h in hosts[: only or len(hosts)]
-    }
+    started = hosts[: only or len(hosts)]
+    return start_hosts(
+        tmp_path, hosts, script, "--nameserver", ns, *flags, started=started, resolve="dns"
+    )
 
 
 def test_agents_resolve_each_other_and_master_addr_is_the_resolved_ip(tmp_path: Path) -> None:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 from pathlib import Path
 
-from tests.helpers import free_port, make_tree, pid_alive, run, start, wait_for, write_script
+from tests.helpers import make_tree, pid_alive, run, start, start_hosts, wait_for, write_script
 
 RAISE_IN_COLLECTIVE = """
 import os, time
@@ -30,28 +29,6 @@ if dist.get_rank() == 3:
     raise RuntimeError("bad batch on rank 3")
 blocked_in_allreduce()
 """
-
-
-def _agents(
-    tmp_path: Path, hosts: list[str], script: Path, *flags: str
-) -> dict[str, subprocess.Popen[str]]:
-    port = free_port()
-    addresses = ",".join(f"{h}=127.0.0.1" for h in hosts)
-    return {
-        h: start(
-            [
-                "--opt-ml",
-                str(make_tree(tmp_path / h, h, hosts)),
-                "--rdzv-port",
-                str(port),
-                "--host-addresses",
-                addresses,
-                *flags,
-                str(script),
-            ]
-        )
-        for h in hosts
-    }
 
 
 def test_a_raise_on_one_rank_stops_every_host_and_names_the_root_cause(tmp_path: Path) -> None:
@@ -90,7 +67,7 @@ threading.Event().wait()
 def test_a_host_that_vanishes_is_detected_by_missed_heartbeats(tmp_path: Path) -> None:
     script = write_script(tmp_path / "block.py", BLOCK.format(out=str(tmp_path)))
     hosts = ["algo-1", "algo-2", "algo-3"]
-    agents = _agents(tmp_path, hosts, script, "--heartbeat-timeout", "3")
+    agents = start_hosts(tmp_path, hosts, script, "--heartbeat-timeout", "3")
     pids = wait_for(
         lambda: (
             [int((tmp_path / f"up-{r}").read_text() or 0) for r in range(3)]
@@ -115,7 +92,7 @@ def test_a_host_that_vanishes_is_detected_by_missed_heartbeats(tmp_path: Path) -
 def test_losing_the_master_host_stops_the_others_at_once(tmp_path: Path) -> None:
     script = write_script(tmp_path / "block.py", BLOCK.format(out=str(tmp_path)))
     hosts = ["algo-1", "algo-2"]
-    agents = _agents(tmp_path, hosts, script, "--heartbeat-timeout", "30")
+    agents = start_hosts(tmp_path, hosts, script, "--heartbeat-timeout", "30")
     wait_for(lambda: all((tmp_path / f"up-{r}").exists() for r in range(2)), 60, "workers up")
     agents["algo-1"].kill()
     agents["algo-2"].communicate(timeout=20)  # well under the 30 s heartbeat bound
@@ -153,7 +130,9 @@ if __name__ == "__main__":
 def test_sigterm_to_the_master_is_a_coordinated_checkpointed_stop(tmp_path: Path) -> None:
     script = write_script(tmp_path / "stop.py", STOPPABLE.format(out=str(tmp_path)))
     hosts = ["algo-1", "algo-2"]
-    agents = _agents(tmp_path, hosts, script, "--nproc-per-host", "2", "--no-hyperparameter-args")
+    agents = start_hosts(
+        tmp_path, hosts, script, "--nproc-per-host", "2", "--no-hyperparameter-args"
+    )
     wait_for(lambda: all((tmp_path / f"up-{r}").exists() for r in range(4)), 90, "ranks up")
     stop_at = time.monotonic()
     agents["algo-1"].send_signal(signal.SIGTERM)  # docker stop / StopTrainingJob on one host
