@@ -177,7 +177,23 @@ def job_dir(plan: JobPlan) -> Path:
     return Path("/tmp") / f"smdist-mpi-{tag}-{plan.master_port}"
 
 
+def _prune_job_dirs(parent: Path, keep: Path) -> None:
+    """Remove earlier jobs' directories whose agents have all ended (only dead links left)."""
+    for d in parent.glob("smdist-mpi-*"):
+        if d == keep or not d.is_dir() or d.is_symlink():
+            continue
+        try:
+            entries = list(d.iterdir())
+            if entries and all(e.is_symlink() and not e.exists() for e in entries):
+                for e in entries:
+                    e.unlink()
+                d.rmdir()
+        except OSError:
+            continue  # another agent's, or a race with one: leave it
+
+
 def _link_host_dir(job: Path, host: str, target: Path) -> None:
+    _prune_job_dirs(job.parent, job)
     job.mkdir(mode=0o700, exist_ok=True)
     link = job / host
     tmp = job / f".{host}.{os.getpid()}.tmp"
