@@ -37,7 +37,8 @@ CONF
 grep -q '^Include /etc/ssh/sshd_config.d/' /etc/ssh/sshd_config 2>/dev/null \
     || sed -i '1i Include /etc/ssh/sshd_config.d/*.conf' /etc/ssh/sshd_config
 
-# ssh: the job's hosts get fresh host keys on every job; don't ask, don't remember.
+# ssh by hand (debugging): the job's hosts get fresh host keys on every job; don't ask,
+# don't remember. (mpirun gets these options from smdist itself, for addresses too.)
 cat > "$SSH_DIR/config" <<'CONF'
 Host algo-* localhost 127.0.0.1
     StrictHostKeyChecking no
