@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit compose bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml launchers/install-mpi.sh
+	sh launchers/install-mpi.sh  # Open MPI + OpenSSH from Debian (mpi4py builds against them)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'

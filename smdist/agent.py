@@ -122,17 +122,23 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     _preflight(config, entry)
     if opts.hyperparameter_args:
         entry = entry.with_args(sm_env.hyperparameter_args(config.user_hyperparameters))
-    gpus = topology.visible_gpus()
-    nproc = topology.processes_per_host(opts.nproc_per_host, gpus)
-    if opts.nproc_per_host == "auto":
-        log.info("processes per host: %d (%d GPU(s) visible)", nproc, gpus)
     backend_name = opts.backend or (
         "mpi" if config.framework_parameters.get("sagemaker_mpi_enabled") is True else "torch"
     )
+    gpus = topology.visible_gpus()
+    nproc_flag = opts.nproc_per_host
     if backend_name == "mpi":
         from smdist.backends import mpi as backend
+
+        asked = backend.mpi_options(config).nproc_per_host
+        if nproc_flag == "auto" and asked is not None:
+            nproc_flag = str(asked)
+            log.info("processes per host: %d (sagemaker_mpi_num_of_processes_per_host)", asked)
     else:
         from smdist.backends import torch as backend  # type: ignore[no-redef]
+    nproc = topology.processes_per_host(nproc_flag, gpus)
+    if nproc_flag == "auto":
+        log.info("processes per host: %d (%d GPU(s) visible)", nproc, gpus)
     addresses = _resolve_addresses(opts, config)
     plan, coordinator = rendezvous(
         res.current_host, res.hosts, nproc, addresses, opts.rdzv, check_outputs=_check_model_dirs
@@ -149,7 +155,9 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     memory_at_start = failure.memory_snapshot()
     run_dir = Path(tempfile.mkdtemp(prefix="smdist-"))
     try:
-        specs = backend.worker_specs(entry, plan, config, os.environ, env_sm, run_dir)
+        specs = backend.worker_specs(
+            entry, plan, config, os.environ, env_sm, run_dir, coordinator=coordinator
+        )
         supervisor = Supervisor(
             res.current_host,
             specs,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import select
@@ -49,6 +50,8 @@ class WorkerSpec:
     """Started through smdist.bootstrap, so SIGUSR1 dumps its stacks."""
     error_file: Path
     control_file: Path
+    prefix: bool = True
+    """Prefix its lines with ``[host/rank]`` (the MPI launcher prefixes each rank itself)."""
 
 
 @dataclass
@@ -178,7 +181,7 @@ class Supervisor:
                 preexec_fn=lambda: _child_setup(me),
             )
             w = Worker(spec, proc)
-            prefix = f"[{self.host}/{spec.rank}] ".encode()
+            prefix = f"[{self.host}/{spec.rank}] ".encode() if spec.prefix else b""
             assert proc.stdout is not None and proc.stderr is not None
             for src, dst, tail in (
                 (proc.stdout, sys.stdout.buffer, None),
@@ -239,6 +242,8 @@ class Supervisor:
         try:
             self.start()
             self.coordinator.start_watch(self._wake)
+            if not self.workers:
+                self._wake()  # nothing of its own to wait for: straight to the barrier
             return self._loop()
         finally:
             signal.set_wakeup_fd(old_fd)
@@ -266,7 +271,7 @@ class Supervisor:
 
             while self._signals:
                 name = signal.Signals(self._signals.pop(0)).name
-                if state == "running":
+                if state in ("running", "barrier"):
                     log.info("%s received: stopping the job on every host", name)
                     event = self.coordinator.report(
                         JobEvent(
@@ -277,6 +282,8 @@ class Supervisor:
                             time=time.time(),
                         )
                     )
+                    if state == "barrier":  # nothing left to stop here; the others stop
+                        return Outcome(0, event, (), stopped=True)
                     state, deadline = self._begin_stop(event)
                 elif state in ("stopping", "aborting") and not killed and name == "SIGINT":
                     log.info("second SIGINT: killing the workers now")
@@ -300,14 +307,23 @@ class Supervisor:
                     stderr_tail=tuple(w.tail),
                     peer_stopped=w.signalled and state == "aborting",
                 )
+                rec = failure.error_record()
+                if rec is not None and rec.get("reported_by") == "mpirun":
+                    # The MPI launcher's error file names the rank that failed first.
+                    failure = dataclasses.replace(
+                        failure,
+                        host=str(rec.get("host") or self.host),
+                        rank=int(rec.get("rank") or 0),
+                        local_rank=int(rec.get("local_rank") or 0),
+                    )
                 failures.append(failure)
                 if state in ("running", "barrier") and not w.signalled:
-                    log.info("rank %d %s: stopping the job", w.spec.rank, failure.describe())
+                    log.info("rank %d %s: stopping the job", failure.rank, failure.describe())
                     event = self.coordinator.report(
                         JobEvent(
                             kind="failure",
-                            host=self.host,
-                            rank=w.spec.rank,
+                            host=failure.host,
+                            rank=failure.rank,
                             headline=failure_headline(failure),
                             exit_code=failure.exit_code,
                             time=failure.time,

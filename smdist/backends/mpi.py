@@ -411,6 +411,7 @@ def worker_specs(
             python=False,  # the user's Python runs under mpirun, not as this process
             error_file=error_file,
             control_file=run_dir / "mpirun.control.json",
+            prefix=False,  # the launcher prefixes every rank's lines itself
         )
     ]
 

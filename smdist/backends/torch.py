@@ -8,7 +8,7 @@ from pathlib import Path
 
 from smdist.config import JobConfig
 from smdist.entry import Entry
-from smdist.rendezvous import JobPlan
+from smdist.rendezvous import Coordinator, JobPlan
 from smdist.supervisor import WorkerSpec
 
 # Set for every worker, whatever the container says: these define the worker.
@@ -31,8 +31,11 @@ def worker_specs(
     base_env: Mapping[str, str],
     sm_env: Mapping[str, str],
     run_dir: Path,
+    coordinator: Coordinator | None = None,
 ) -> list[WorkerSpec]:
-    """One spec per local rank: SageMaker variables the user did not set, then the ranks."""
+    """One spec per local rank: SageMaker variables the user did not set, then the ranks.
+
+    ``coordinator`` is unused: torch workers meet through MASTER_ADDR/MASTER_PORT."""
     slot = plan.layout.slot(config.resource.current_host)
     opt_ml_root = config.paths.root
     specs = []
