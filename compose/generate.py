@@ -3,8 +3,9 @@
 ``python -m compose.generate --hosts 4 --out DIR [--nproc-per-host N] [SCRIPT [ARGS...]]``
 writes ``DIR/docker-compose.yml`` and, per host, ``DIR/hosts/<host>/`` holding what SageMaker
 gives that host: ``input/config/resourceconfig.json`` (its own ``current_host``), and the
-``model/`` and ``output/`` directories bind-mounted at /opt/ml/model and /opt/ml/output, so
-whatever a container writes there can be read on the machine that ran it.
+``model/``, ``output/`` and ``checkpoints/`` directories bind-mounted at /opt/ml/model,
+/opt/ml/output and /opt/ml/checkpoints, so whatever a container writes there can be read on
+the machine that ran it.
 
 The YAML is plain (version "2.4", no extensions) so ``docker compose`` (v2) and
 ``docker-compose`` (v1, Debian's) both run it.
@@ -73,6 +74,7 @@ def render(
             f"      - {_q(base + '/input/config:/opt/ml/input/config:ro')}",
             f"      - {_q(base + '/model:/opt/ml/model')}",
             f"      - {_q(base + '/output:/opt/ml/output')}",
+            f"      - {_q(base + '/checkpoints:/opt/ml/checkpoints')}",
             # torch's shared-memory users (DataLoader workers) outgrow Docker's 64 MB default.
             '    shm_size: "1gb"',
             f"    networks: [{NETWORK}]",
@@ -136,6 +138,7 @@ def write_job(
         config_dir.mkdir(parents=True, exist_ok=True)
         (host_dir / "model").mkdir(exist_ok=True)
         (host_dir / "output").mkdir(exist_ok=True)
+        (host_dir / "checkpoints").mkdir(exist_ok=True)
         doc = resource_config(host, listed)
         (config_dir / "resourceconfig.json").write_text(json.dumps(doc, indent=2) + "\n")
         if hyperparameters is not None:

@@ -63,9 +63,12 @@ HOST_PACKAGES = {
 BASE_SUITE = "bookworm"
 BASE_MIRROR = os.environ.get("SMDIST_COMPOSE_MIRROR", "http://deb.debian.org/debian")
 # automake: libltdl-dev (pulled by libopenmpi-dev) needs it and debootstrap does not resolve it.
+# python3-mpi4py: Debian's build against its own Open MPI (no wheel for it on PyPI); the
+# image's venv sees it through --system-site-packages.
 BASE_PACKAGES = (
     "python3",
     "python3-venv",
+    "python3-mpi4py",
     "openssh-server",
     "openssh-client",
     "openmpi-bin",
@@ -545,6 +548,7 @@ def build_image(
                 shutil.copy2(wheel, context / "deps" / wheel.name)
         shutil.copytree(wheels.smdist, context / "smdist")
         shutil.copytree(code_dir, context / "code", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / "launchers", context / "launchers")
         shutil.copy2(COMPOSE_DIR / "Dockerfile", context / "Dockerfile")
         log(f"building image {tag} from {base}")
         engine.docker(
@@ -567,6 +571,7 @@ class HostResult:
     log: str
     host_dir: Path
     seconds: float  # from the container's start to its exit
+    finished_at: float  # the container's exit, time.time() (containers share this clock)
 
     @property
     def model_dir(self) -> Path:
@@ -575,6 +580,10 @@ class HostResult:
     @property
     def output_dir(self) -> Path:
         return self.host_dir / "output"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.host_dir / "checkpoints"
 
     @property
     def failure(self) -> str:
@@ -588,6 +597,13 @@ class JobResult:
     hosts: dict[str, HostResult]
     compose_file: Path
     seconds: float
+    # What a ``during`` action recorded: name -> time.time() (e.g. when it killed a host).
+    marks: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def last_exit(self) -> float:
+        """time.time() when the last container exited."""
+        return max(r.finished_at for r in self.hosts.values())
 
     def __getitem__(self, host: str) -> HostResult:
         return self.hosts[host]
@@ -602,6 +618,42 @@ class JobResult:
             f"----- {h} (exit {r.exit_code}) -----\n{_tail(r.log, 60)}"
             for h, r in self.hosts.items()
         )
+
+
+@dataclass
+class RunningJob:
+    """A job whose containers are running: what a ``during`` action can wait for and do."""
+
+    harness: Harness
+    name: str
+    work: Path
+    ids: dict[str, str]  # host -> container id
+    deadline: float  # time.monotonic() at which run_job gives up on the job
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def output_dir(self, host: str) -> Path:
+        return self.work / "hosts" / host / "output"
+
+    def wait_for_log(self, host: str, pattern: str) -> None:
+        """Return once ``host`` logged a line matching ``pattern`` (HarnessError: never)."""
+        self.harness._await_log(self.ids[host], host, pattern, self.deadline - time.monotonic())
+
+    def mark(self, what: str) -> float:
+        self.marks[what] = now = time.time()
+        return now
+
+    def kill(self, host: str) -> None:
+        """``docker kill``: SIGKILL, no word from the host; ``marks["kill HOST"]``."""
+        self.mark(f"kill {host}")
+        self.harness.engine.docker("kill", self.ids[host], what=f"{self.name}: kill {host}")
+
+    def stop(self, host: str, grace: float = 120) -> None:
+        """``docker stop -t GRACE`` (SIGTERM, SIGKILL after GRACE s); ``marks["stop HOST"]``."""
+        self.mark(f"stop {host}")
+        self.harness.engine.docker(
+            "stop", "-t", str(int(grace)), self.ids[host],
+            what=f"{self.name}: stop {host}", timeout=grace + 60,
+        )  # fmt: skip
 
 
 def compose_cli(engine: Engine) -> list[str]:
@@ -726,6 +778,7 @@ class Harness:
         hyperparameters: Mapping[str, object] | None = None,
         start_order: Sequence[str] | None = None,
         wait_between: str | None = None,
+        during: Callable[[RunningJob], None] | None = None,
         timeout: float = 240,
     ) -> JobResult:
         """Run one job to the end: write its compose file, start it, wait, collect, tear down.
@@ -733,6 +786,9 @@ class Harness:
         ``start_order`` starts the containers one at a time in that order; with
         ``wait_between`` (a regex), each is started only once the one before it has logged
         a matching line (e.g. that it is waiting for its peers).
+        ``during`` runs (in a thread) once every container is up, while the job runs: e.g.
+        ``lambda job: (job.wait_for_log("algo-2", "training"), job.kill("algo-2"))``; what it
+        raises is raised here once the job is over, and its marks land in ``JobResult.marks``.
         Containers still running after ``timeout`` seconds are killed (exit code 137).
         """
         names = host_names(hosts) if isinstance(hosts, int) else list(hosts)
@@ -766,6 +822,23 @@ class Harness:
             ids = self._containers(project)
             if len(ids) != len(names):
                 raise HarnessError(f"{name}: {len(ids)} containers for {len(names)} hosts")
+            running: RunningJob | None = None
+            action_error: list[BaseException] = []
+            action: threading.Thread | None = None
+            if during is not None:
+                by_host = {h: self._containers(project, h)[0] for h in names}
+                running = RunningJob(self, name, work, by_host, t0 + timeout)
+
+                def act(
+                    job: RunningJob = running, fn: Callable[[RunningJob], None] = during
+                ) -> None:
+                    try:
+                        fn(job)
+                    except BaseException as exc:  # re-raised in the caller once the job ends
+                        action_error.append(exc)
+
+                action = threading.Thread(target=act, name=f"{name}-during", daemon=True)
+                action.start()
             try:
                 subprocess.run(
                     [docker_cli(), "wait", *ids],
@@ -785,6 +858,8 @@ class Harness:
                         check=False,
                     )
             seconds = time.monotonic() - t0
+            if action is not None:
+                action.join(timeout=60)
             results = {r.host: r for r in (self._collect(cid, work) for cid in ids)}
         finally:
             subprocess.run(
@@ -796,12 +871,18 @@ class Harness:
                 check=False,
             )
         self.timings.append((name, seconds))
-        return JobResult(
+        job = JobResult(
             name=name,
             hosts=dict(sorted(results.items())),
             compose_file=compose_file,
             seconds=seconds,
+            marks=dict(running.marks) if running else {},
         )
+        if action_error:
+            raise HarnessError(
+                f"{name}: the action during the job failed: {action_error[0]}\n{job.logs()}"
+            ) from action_error[0]
+        return job
 
     def _containers(self, project: str, host: str | None = None) -> list[str]:
         """Container ids by compose's labels, running or not (v1 and v2 label alike)."""
@@ -865,6 +946,7 @@ class Harness:
             log=logs,
             host_dir=work / "hosts" / host,
             seconds=max(0.0, _timestamp(finished) - _timestamp(started)),
+            finished_at=_timestamp(finished),
         )
 
     def docker_run(

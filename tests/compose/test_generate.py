@@ -24,10 +24,12 @@ def test_each_host_gets_its_own_resourceconfig_and_dirs(tmp_path: Path) -> None:
         hp = json.loads((host_dir / "input" / "config" / "hyperparameters.json").read_text())
         assert hp == {"epochs": "2"}  # SageMaker's encoding: every value a JSON string
         assert (host_dir / "model").is_dir() and (host_dir / "output").is_dir()
+        assert (host_dir / "checkpoints").is_dir()
     text = compose_file.read_text()
     for host in hosts:
         assert f'hostname: "{host}"' in text
         assert f'"./hosts/{host}/model:/opt/ml/model"' in text
+        assert f'"./hosts/{host}/checkpoints:/opt/ml/checkpoints"' in text
         assert f'"./hosts/{host}/input/config:/opt/ml/input/config:ro"' in text
 
 
