@@ -43,9 +43,9 @@ def train(ctx: smdist.Context) -> None:
         if ctx.should_stop:
             break
 
-    if ctx.is_master:
-        path = ctx.model_dir / "model.pt"
-        torch.save(model.module.state_dict(), path)
+    # Rank 0 writes (atomically); the other ranks get None and do not wait.
+    path = ctx.save(model.module.state_dict(), "model.pt")
+    if path is not None:
         print(f"saved {path}", flush=True)
 
 
