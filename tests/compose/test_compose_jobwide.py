@@ -64,17 +64,36 @@ def test_a_raise_on_rank_3_stops_every_container_and_names_it(harness: Harness) 
         assert any("in blocked_in_allreduce" in ln for ln in lines), (host, rank, job.logs())
 
 
+@pytest.mark.parametrize(
+    "script",
+    [
+        # No collective in flight: only smdist's heartbeats can notice the lost host.
+        "local_steps_forever.py",
+        # All-reducing when the host dies: gloo fails at once with "Connection closed by
+        # peer", which must not become the root cause (issue 6: "Root cause, not victims").
+        pytest.param(
+            "train_forever.py",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="smdist bug: algo-1's failure file names its own rank's gloo "
+                "'Connection closed by peer' (UserScriptError, host algo-1, rank 0), not "
+                "HostLost: host algo-2; see the compose report",
+            ),
+        ),
+    ],
+)
 def test_docker_kill_of_a_host_stops_the_other_within_the_heartbeat_bound(
-    harness: Harness,
+    harness: Harness, script: str
 ) -> None:
     def kill_algo_2(job: RunningJob) -> None:
         wait_until_training(job, {"algo-1": [0], "algo-2": [1]})
         job.kill("algo-2")
 
+    name = "kill-algo-2-" + script.removesuffix(".py").replace("_", "-")
     job = harness.run_job(
-        "kill-algo-2",
+        name,
         hosts=2,
-        command=[*SMDIST_RUN, "--heartbeat-timeout", str(HEARTBEAT_S), "train_forever.py"],
+        command=[*SMDIST_RUN, "--heartbeat-timeout", str(HEARTBEAT_S), script],
         during=kill_algo_2,
         timeout=120,
     )
