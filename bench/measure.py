@@ -42,7 +42,7 @@ def _ready_s(launch: Launch) -> float | None:
     got = launch.wait_records("ready", launch.world, READY_TIMEOUT_S)
     if len(got) < launch.world:
         return None
-    return max(r["t"] for r in got.values()) - launch.t0
+    return max(float(r["t"]) for r in got.values()) - launch.t0
 
 
 def _exit_s(launch: Launch, since: float) -> float | None:
@@ -66,6 +66,17 @@ def _stderr_tail(launch: Launch) -> str:
 
 
 # -- process-tree sampling (the launcher's own processes, not the workers) ----------
+
+
+def _run_time(pid: int) -> float:
+    """CPU seconds of a process's live threads at nanosecond resolution (schedstat):
+    the clock ticks of /proc/PID/stat (10 ms) cannot see an idle agent."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+    return total / 1e9
 
 
 class TreeSampler:
@@ -124,7 +135,8 @@ class TreeSampler:
                     )
             except OSError:
                 continue
-            self.cpu[pid] = (int(fields[11]) + int(fields[12])) / TICK
+            ticks = (int(fields[11]) + int(fields[12])) / TICK
+            self.cpu[pid] = _run_time(pid) or ticks
             hwm = int(status.get("VmHWM", "0 kB").split()[0])
             self.hwm[pid] = max(self.hwm.get(pid, 0), hwm)
             rss_total += int(status.get("VmRSS", "0 kB").split()[0])
@@ -171,12 +183,18 @@ def time_to_ready(plan: Plan, configs: list[tuple[int, int]]) -> dict[str, Any]:
 # -- 2. failure propagation -------------------------------------------------------------
 
 
-def failure(plan: Plan, configs: list[tuple[int, int]], cap_s: float) -> dict[str, Any]:
-    """The last rank (on the last host) raises after the all-reduce; the others hang."""
+def failure(
+    plan: Plan, configs: list[tuple[int, int]], cap_s: float, cap_hosts_s: float
+) -> dict[str, Any]:
+    """The last rank (on the last host) raises after the all-reduce; the others hang.
+
+    ``cap_s`` bounds the wait on one host, ``cap_hosts_s`` across hosts (where peers' other
+    hosts never hear of the failure: a longer cap would only cost time)."""
     results: dict[str, Any] = {}
     for hosts, nproc in configs:
         key = f"{hosts}x{nproc}"
         fail_rank = hosts * nproc - 1
+        cap = cap_s if hosts == 1 else cap_hosts_s
         per: dict[str, list[dict[str, Any]]] = {n: [] for n in plan.launchers}
         for r, name in rounds(plan):
             args = ["--mode", "fail", "--fail-rank", str(fail_rank)]
@@ -193,13 +211,13 @@ def failure(plan: Plan, configs: list[tuple[int, int]], cap_s: float) -> dict[st
                         # ends the others.
                         proc = launch.procs[fail_rank]
                         with contextlib.suppress(Exception):
-                            proc.wait(cap_s)
+                            proc.wait(cap)
                         code, t = launch.exits.get(fail_rank, (None, 0.0))
                         run["latency_s"] = t - raised["t"] if code is not None else None
                         run["codes"] = [code]
                         run["others_ended"] = False
                     else:
-                        ended = launch.wait(cap_s)
+                        ended = launch.wait(cap)
                         run["codes"] = _codes(launch)
                         run["latency_s"] = _exit_s(launch, raised["t"]) if ended else None
                         firsts = [t for _, t in launch.exits.values()]
@@ -211,7 +229,7 @@ def failure(plan: Plan, configs: list[tuple[int, int]], cap_s: float) -> dict[st
             per[name].append(run)
             _progress("failure", key, name, r, run.get("latency_s"))
         results[key] = per
-    return {"configs": results, "cap_s": cap_s}
+    return {"configs": results, "cap_s": cap_s, "cap_hosts_s": cap_hosts_s}
 
 
 # -- 3. SIGTERM to exit -----------------------------------------------------------------

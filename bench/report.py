@@ -101,7 +101,7 @@ def _failure_table(d: dict[str, Any]) -> list[str]:
     lines = [
         "| hosts x processes | launcher | launch to exit after the raise | after the failing "
         "rank's own exit | exit codes | ranks ended | runs hung past "
-        f"{d['cap_s']:.0f} s |",
+        f"{d['cap_s']:.0f} s (1 host) / {d.get('cap_hosts_s', d['cap_s']):.0f} s (hosts) |",
         "|---|---|---|---|---|---|---|",
     ]
     for key, per in d["configs"].items():

@@ -81,20 +81,23 @@ def _log(lines: int, error_class: bool) -> None:
 
 
 def _train(out: Path, seconds: float) -> None:
+    import torch
     import torch.distributed as dist
 
-    t = _init()
+    _init()
     rank = _rank()
     _record(out, f"ready-{rank}")
     end = time.time() + seconds
     step = 0
-    while time.time() < end:
-        dist.all_reduce(t)
+    done = torch.zeros(1)
+    while not done.item():
+        # The all-reduce doubles as the stop vote, so every rank leaves at the same step.
+        done.fill_(1.0 if time.time() >= end else 0.0)
+        dist.all_reduce(done, op=dist.ReduceOp.MAX)
         step += 1
         if step % 25 == 0:
             print(f"rank {rank} step {step} loss {1.0 / step:.4f}", flush=True)
         time.sleep(0.02)
-    dist.barrier()
     dist.destroy_process_group()
 
 
