@@ -2,7 +2,7 @@
 
 Writes ``bench/results/<measurement>.json`` (raw runs and summaries), the tables of
 ``docs/benchmarks.md`` (between its ``bench:begin``/``bench:end`` markers; the prose
-around them is kept) and ``docs/benchmarks-time-to-ready.png``.
+around them is kept) and the chart ``bench/results/time-to-ready.png``.
 """
 
 from __future__ import annotations
