@@ -88,12 +88,6 @@ class Launch:
         """Wait for every top-level process to exit; False on timeout."""
         return self._done.wait(timeout)
 
-    def wait_first(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.exits and time.monotonic() < deadline:
-            time.sleep(0.005)
-        return bool(self.exits)
-
     def records(self, prefix: str) -> dict[int, dict[str, Any]]:
         found = {}
         for p in self.out.glob(f"{prefix}-*"):
