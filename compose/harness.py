@@ -787,8 +787,9 @@ class Harness:
         ``wait_between`` (a regex), each is started only once the one before it has logged
         a matching line (e.g. that it is waiting for its peers).
         ``during`` runs (in a thread) once every container is up, while the job runs: e.g.
-        ``lambda job: (job.wait_for_log("algo-2", "training"), job.kill("algo-2"))``; what it
-        raises is raised here once the job is over, and its marks land in ``JobResult.marks``.
+        ``lambda job: (job.wait_for_log("algo-2", "training"), job.kill("algo-2"))``; if it
+        raises, the containers are killed and HarnessError is raised here with their logs.
+        Its marks land in ``JobResult.marks``.
         Containers still running after ``timeout`` seconds are killed (exit code 137).
         """
         names = host_names(hosts) if isinstance(hosts, int) else list(hosts)
@@ -836,6 +837,14 @@ class Harness:
                         fn(job)
                     except BaseException as exc:  # re-raised in the caller once the job ends
                         action_error.append(exc)
+                        # The scenario is broken: end the job now, not at its timeout.
+                        subprocess.run(
+                            [docker_cli(), "kill", *job.ids.values()],
+                            env=env,
+                            capture_output=True,
+                            timeout=60,
+                            check=False,
+                        )
 
                 action = threading.Thread(target=act, name=f"{name}-during", daemon=True)
                 action.start()
