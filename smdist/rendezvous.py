@@ -202,7 +202,7 @@ def rendezvous(
     where = f"{master} ({master_addr}:{settings.port})"
     server: StoreServer | None = None
     if current_host == master:
-        server = StoreServer(settings.port, current_host)
+        server = StoreServer(settings.port, current_host, on_disconnect=_host_gone)
         connect_to = "127.0.0.1"
     else:
         connect_to = master_addr
@@ -231,7 +231,10 @@ def rendezvous(
         else:
             _wait_logged(ctl, ["plan"], settings.timeout_s, f"the plan of {master}", where)
         plan = json.loads(ctl.get("plan") or "{}")
-        watch = StoreClient(connect_to, settings.port, settings.timeout_s, master)
+        # Identified: if this agent dies, the master's store sees the connection drop.
+        watch = StoreClient(
+            connect_to, settings.port, settings.timeout_s, master, identity=current_host
+        )
     except BaseException:
         if server is not None:
             server.close()
@@ -242,6 +245,22 @@ def rendezvous(
     )
     plan_ = JobPlan(layout, master_addr, int(plan["master_port"]), dict(addresses))
     return plan_, coordinator
+
+
+def _host_gone(server: StoreServer, host: str) -> None:
+    """The master's store saw ``host``'s agent drop its connection without leaving: the
+    container was killed or the agent died. Declared at once, as the job's abort (unless
+    the job already has one), so it wins over its victims' collective errors."""
+    if server.local_get("plan") is None or server.local_get(f"left/{host}") is not None:
+        return
+    event = JobEvent(
+        kind="lost",
+        host=host,
+        headline=f"HostLost: host {host} stopped responding (its agent's connection closed)",
+        exit_code=1,
+        time=time.time(),
+    )
+    server.local_compare_set(ABORT, None, event.to_json())
 
 
 class StoreCoordinator:
@@ -394,6 +413,7 @@ class StoreCoordinator:
                     self._ctl.set(f"failures/{self.host}", failures)
                 self._ctl.set(f"left/{self.host}", "1")
             else:
+                self._ctl.set(f"left/{self.host}", "1")  # its own connections close next
                 event = self.event()
                 lost = event.host if event is not None and event.kind == "lost" else None
                 keys = [f"left/{h}" for h in self.layout.hosts if h not in (self.host, lost)]

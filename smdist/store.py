@@ -13,7 +13,7 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from tenacity import (
@@ -36,7 +36,15 @@ class StoreUnavailable(RendezvousFailed):
 class StoreServer:
     """Serves the store on ``port`` on every interface (IPv4 and IPv6 where available)."""
 
-    def __init__(self, port: int, host_label: str = "this host") -> None:
+    def __init__(
+        self,
+        port: int,
+        host_label: str = "this host",
+        on_disconnect: Callable[[StoreServer, str], None] | None = None,
+    ) -> None:
+        """``on_disconnect(server, host)`` runs when a client that said ``hello`` as
+        ``host`` drops its connection (its agent died or its container was killed)."""
+        self._on_disconnect = on_disconnect
         self._data: dict[str, str] = {}
         self._cond = threading.Condition()
         self._closing = threading.Event()
@@ -80,16 +88,36 @@ class StoreServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        who: str | None = None
         try:
             with conn, conn.makefile("rb") as rfile:
                 for line in rfile:
-                    reply = self._handle(json.loads(line))
+                    req = json.loads(line)
+                    if req.get("op") == "hello":
+                        who = str(req["host"])
+                        reply: dict[str, Any] = {"ok": True}
+                    else:
+                        reply = self._handle(req)
                     conn.sendall(json.dumps(reply).encode() + b"\n")
         except (OSError, ValueError):
             pass
         finally:
             with self._cond:
                 self._conns.discard(conn)
+            if who is not None and self._on_disconnect and not self._closing.is_set():
+                self._on_disconnect(self, who)
+
+    # Server-side access for ``on_disconnect`` (same semantics as the client's ops).
+    def local_get(self, key: str) -> str | None:
+        with self._cond:
+            return self._data.get(key)
+
+    def local_compare_set(self, key: str, expected: str | None, desired: str) -> str | None:
+        reply = self._handle(
+            {"op": "compare_set", "key": key, "expected": expected, "desired": desired}
+        )
+        value: str | None = reply["value"]
+        return value
 
     def _handle(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req["op"]
@@ -133,7 +161,16 @@ class StoreServer:
 class StoreClient:
     """One connection to the store; safe to share between threads (one request at a time)."""
 
-    def __init__(self, address: str, port: int, connect_timeout_s: float, what: str) -> None:
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        connect_timeout_s: float,
+        what: str,
+        identity: str | None = None,
+    ) -> None:
+        """``identity``: this agent's host, so the server notices when this connection
+        drops without the host having left."""
         self.address, self.port = address, port
         self._lock = threading.Lock()
 
@@ -172,6 +209,8 @@ class StoreClient:
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._rfile = self._sock.makefile("rb")
         self._what = what
+        if identity is not None:
+            self._call(op="hello", host=identity)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

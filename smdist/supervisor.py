@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from smdist.bootstrap import STACK_DUMP_SIGNAL
-from smdist.failure import WorkerFailure
+from smdist.failure import WorkerFailure, looks_like_peer_error
 from smdist.failure import headline as failure_headline
 from smdist.log import log
 from smdist.rendezvous import Coordinator, JobEvent
@@ -34,6 +34,8 @@ PR_SET_PDEATHSIG = 1
 TAIL_LINES = 50
 MAX_LINE = 1 << 20  # a line longer than this is relayed in pieces rather than held
 STACK_DUMP_WAIT_S = 0.2
+PEER_ERROR_GRACE_S = 2.0
+"""How long a worker's broken-collective error waits for the root cause from elsewhere."""
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _prctl = _libc.prctl
@@ -262,8 +264,13 @@ class Supervisor:
         failures: list[WorkerFailure] = []
         event: JobEvent | None = None
         killed = False
+        deferred: list[WorkerFailure] = []
+        deferred_until: float | None = None
         while True:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            wake_at = min(
+                (t for t in (deadline, deferred_until if deferred else None) if t), default=None
+            )
+            timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
             select.select([self._wake_r], [], [], timeout)
             with contextlib.suppress(BlockingIOError):
                 while os.read(self._wake_r, 4096):
@@ -318,22 +325,27 @@ class Supervisor:
                     )
                 failures.append(failure)
                 if state in ("running", "barrier") and not w.signalled:
-                    log.info("rank %d %s: stopping the job", failure.rank, failure.describe())
-                    event = self.coordinator.report(
-                        JobEvent(
-                            kind="failure",
-                            host=failure.host,
-                            rank=failure.rank,
-                            headline=failure_headline(failure),
-                            exit_code=failure.exit_code,
-                            time=failure.time,
-                            failure=failure.to_dict(),
-                        )
-                    )
-                    state = "aborting"
-                    self._control("abort", event)
-                    self._terminate(dump=True)
-                    deadline = time.monotonic() + self.abort_grace_s
+                    if looks_like_peer_error(failure) and self.coordinator.event() is None:
+                        # A collective broke: usually a victim of a failure elsewhere whose
+                        # news is on its way. Give the root cause a moment to arrive.
+                        if not deferred:
+                            log.info(
+                                "rank %d failed in a collective; waiting up to %.0f s for "
+                                "the root cause elsewhere",
+                                failure.rank,
+                                PEER_ERROR_GRACE_S,
+                            )
+                            deferred_until = time.monotonic() + PEER_ERROR_GRACE_S
+                        deferred.append(failure)
+                        continue
+                    event = self._publish_failure(failure)
+                    state, deadline = "aborting", time.monotonic() + self.abort_grace_s
+
+            overdue = deferred_until is not None and time.monotonic() >= deferred_until
+            if deferred and overdue and state == "running" and self.coordinator.event() is None:
+                event = self._publish_failure(min(deferred, key=lambda f: f.time))
+                state, deadline = "aborting", time.monotonic() + self.abort_grace_s
+                deferred = []
 
             if state in ("running", "barrier"):
                 remote = self.coordinator.event()
@@ -350,7 +362,7 @@ class Supervisor:
                         state = "aborting"
                         deadline = time.monotonic() + self.abort_grace_s
 
-            if not self._live():
+            if not self._live() and not (deferred and state == "running"):
                 if state == "running":
                     self.coordinator.finished(self.on_finished() if self.on_finished else "{}")
                     state = "barrier"
@@ -379,6 +391,24 @@ class Supervisor:
                 self._kill()
                 killed = True
                 deadline = None
+
+    def _publish_failure(self, failure: WorkerFailure) -> JobEvent:
+        """Make ``failure`` the job's event (unless another came first) and stop our workers."""
+        log.info("rank %d %s: stopping the job", failure.rank, failure.describe())
+        event = self.coordinator.report(
+            JobEvent(
+                kind="failure",
+                host=failure.host,
+                rank=failure.rank,
+                headline=failure_headline(failure),
+                exit_code=failure.exit_code,
+                time=failure.time,
+                failure=failure.to_dict(),
+            )
+        )
+        self._control("abort", event)
+        self._terminate(dump=True)
+        return event
 
     def _begin_stop(self, event: JobEvent) -> tuple[str, float]:
         if event.kind != "stop":

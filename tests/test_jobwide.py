@@ -207,3 +207,30 @@ def test_a_function_that_never_polls_should_stop_still_stops_cleanly(tmp_path: P
     _, err = agent.communicate(timeout=60)  # far less than the 90 s grace
     assert agent.returncode == 0, err
     assert (tmp_path / "hook-0").exists() and (tmp_path / "hook-1").exists()
+
+
+TRAIN_FOREVER = """
+import os
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+open(os.path.join({out!r}, "up-" + os.environ["RANK"]), "w").close()
+t = torch.ones(1024)
+while True:
+    dist.all_reduce(t)  # a collective is always in flight when a host dies
+"""
+
+
+def test_a_host_killed_mid_collective_is_the_root_cause_not_its_victims(tmp_path: Path) -> None:
+    """The survivors' gloo fails at once with 'Connection closed by peer': a victim's error.
+    The master's store sees the dead agent's connection drop and names the lost host."""
+    script = write_script(tmp_path / "t.py", TRAIN_FOREVER.format(out=str(tmp_path)))
+    hosts = ["algo-1", "algo-2", "algo-3"]
+    agents = start_hosts(tmp_path, hosts, script, "--heartbeat-timeout", "60")
+    wait_for(lambda: all((tmp_path / f"up-{r}").exists() for r in range(3)), 90, "ranks up")
+    agents["algo-3"].kill()
+    for h in ("algo-1", "algo-2"):
+        _, err = agents[h].communicate(timeout=50)  # far less than the 60 s heartbeat bound
+        assert agents[h].returncode == 1, err
+        first = (tmp_path / h / "output" / "failure").read_text().splitlines()[0]
+        assert first.startswith("HostLost: host algo-3 stopped responding"), first
+    agents["algo-3"].communicate(timeout=10)
