@@ -647,6 +647,22 @@ class RunningJob:
         self.mark(f"kill {host}")
         self.harness.engine.docker("kill", self.ids[host], what=f"{self.name}: kill {host}")
 
+    def pause(self, host: str) -> None:
+        """``docker pause``: the host freezes with its connections open; ``marks["pause HOST"]``."""
+        self.mark(f"pause {host}")
+        self.harness.engine.docker("pause", self.ids[host], what=f"{self.name}: pause {host}")
+
+    def unpause(self, host: str) -> None:
+        self.harness.engine.docker("unpause", self.ids[host], what=f"{self.name}: unpause {host}")
+
+    def wait_exit(self, host: str) -> int:
+        """Block until ``host``'s container exits (HarnessError at the job's deadline)."""
+        out = self.harness.engine.docker(
+            "wait", self.ids[host], what=f"{self.name}: wait for {host}",
+            timeout=max(1.0, self.deadline - time.monotonic()),
+        )  # fmt: skip
+        return int(out.strip())
+
     def stop(self, host: str, grace: float = 120) -> None:
         """``docker stop -t GRACE`` (SIGTERM, SIGKILL after GRACE s); ``marks["stop HOST"]``."""
         self.mark(f"stop {host}")

@@ -67,19 +67,11 @@ def test_a_raise_on_rank_3_stops_every_container_and_names_it(harness: Harness) 
 @pytest.mark.parametrize(
     "script",
     [
-        # No collective in flight: only smdist's heartbeats can notice the lost host.
+        # No collective in flight: the master's store sees algo-2's connection drop.
         "local_steps_forever.py",
         # All-reducing when the host dies: gloo fails at once with "Connection closed by
-        # peer", which must not become the root cause (issue 6: "Root cause, not victims").
-        pytest.param(
-            "train_forever.py",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="smdist bug: algo-1's failure file names its own rank's gloo "
-                "'Connection closed by peer' (UserScriptError, host algo-1, rank 0), not "
-                "HostLost: host algo-2; see the compose report",
-            ),
-        ),
+        # peer", a victim's error that must not become the root cause.
+        "train_forever.py",
     ],
 )
 def test_docker_kill_of_a_host_stops_the_other_within_the_heartbeat_bound(
@@ -100,6 +92,32 @@ def test_docker_kill_of_a_host_stops_the_other_within_the_heartbeat_bound(
     latency = job["algo-1"].finished_at - job.marks["kill algo-2"]
     report(harness, "docker kill algo-2 -> algo-1 exit", latency)
     assert job["algo-2"].exit_code == 137, job.logs()
+    assert job["algo-1"].exit_code not in (0, 137), job.logs()
+    assert first_line(job["algo-1"]).startswith("HostLost: host algo-2"), job["algo-1"].failure
+    assert latency < HEARTBEAT_S + 20, "hang guard: the heartbeat bound, generously"
+
+
+def test_a_frozen_host_is_lost_within_the_heartbeat_bound(harness: Harness) -> None:
+    # `docker pause` freezes algo-2 with every connection open: the others hang in their
+    # all-reduce, and only the missed heartbeats can tell.
+    def freeze_algo_2(job: RunningJob) -> None:
+        wait_until_training(job, {"algo-1": [0], "algo-2": [1]})
+        job.pause("algo-2")
+        try:
+            job.wait_exit("algo-1")
+        finally:
+            job.unpause("algo-2")
+            job.kill("algo-2")
+
+    job = harness.run_job(
+        "pause-algo-2",
+        hosts=2,
+        command=[*SMDIST_RUN, "--heartbeat-timeout", str(HEARTBEAT_S), "train_forever.py"],
+        during=freeze_algo_2,
+        timeout=120,
+    )
+    latency = job["algo-1"].finished_at - job.marks["pause algo-2"]
+    report(harness, "docker pause algo-2 -> algo-1 exit", latency)
     assert job["algo-1"].exit_code not in (0, 137), job.logs()
     assert first_line(job["algo-1"]).startswith("HostLost: host algo-2"), job["algo-1"].failure
     assert latency < HEARTBEAT_S + 20, "hang guard: the heartbeat bound, generously"
