@@ -412,7 +412,7 @@ def classify(
     rec = failure.error_record()
     if rec is None and failure.returncode > 0:
         rec = parse_stderr_traceback(failure.stderr_tail)
-    if rec is not None:
+    if rec is not None and rec.get("kind") != "signal":
         return _classify_record(rec, memory)
     if failure.signal_name:
         return _classify_signal(failure, oom_kills, memory)

@@ -83,6 +83,9 @@ class Coordinator(Protocol):
 
     def all_done(self) -> bool: ...
 
+    def unfinished(self) -> list[str]:
+        """Hosts whose workers are still running (for the exit barrier's progress line)."""
+
     def publish(self, key: str, value: str) -> None:
         """Share ``key`` with every host's agent (e.g. a backend's readiness)."""
 
@@ -118,6 +121,9 @@ class LocalCoordinator:
 
     def all_done(self) -> bool:
         return self._done
+
+    def unfinished(self) -> list[str]:
+        return []
 
     def publish(self, key: str, value: str) -> None:
         self._published[key] = value
@@ -308,6 +314,13 @@ class StoreCoordinator:
     def all_done(self) -> bool:
         with self._lock:
             return self._all_done
+
+    def unfinished(self) -> list[str]:
+        try:
+            done = self._ctl.prefix(INVENTORY)
+        except StoreUnavailable:
+            return []
+        return [h for h in self.layout.hosts if INVENTORY + h not in done]
 
     def finished(self, inventory: str = "{}") -> None:
         try:

@@ -34,6 +34,7 @@ PR_SET_PDEATHSIG = 1
 TAIL_LINES = 50
 MAX_LINE = 1 << 20  # a line longer than this is relayed in pieces rather than held
 STACK_DUMP_WAIT_S = 0.2
+BARRIER_LOG_EVERY_S = 60.0
 PEER_ERROR_GRACE_S = 2.0
 """How long a worker's broken-collective error waits for the root cause from elsewhere."""
 
@@ -366,11 +367,7 @@ class Supervisor:
                 if state == "running":
                     self.coordinator.finished(self.on_finished() if self.on_finished else "{}")
                     state = "barrier"
-                    deadline = (
-                        None
-                        if self.barrier_timeout_s is None
-                        else time.monotonic() + self.barrier_timeout_s
-                    )
+                    deadline = time.monotonic() + BARRIER_LOG_EVERY_S
                 if state == "barrier":
                     if self.coordinator.all_done():
                         return Outcome(0, None, (), stopped=False)
@@ -378,11 +375,13 @@ class Supervisor:
                     if late is not None:  # e.g. a model-dir clash found at the barrier
                         return self._outcome("aborting", late, failures)
                     if deadline is not None and time.monotonic() >= deadline:
-                        log.warning(
-                            "exit barrier: other hosts did not finish within %.0f s; leaving",
-                            self.barrier_timeout_s or 0.0,
+                        # Not a time limit: the others may train longer than this host. A
+                        # host that dies or hangs is caught by the heartbeats instead.
+                        log.info(
+                            "exit barrier: waiting for %s to finish (heartbeats watch them)",
+                            ", ".join(self.coordinator.unfinished()) or "the master's verdict",
                         )
-                        return Outcome(0, None, (), stopped=False)
+                        deadline = time.monotonic() + BARRIER_LOG_EVERY_S
                     continue
                 return self._outcome(state, event, failures)
 

@@ -521,3 +521,26 @@ def test_master_gives_up_on_a_host_whose_sshd_never_answers() -> None:
     closed = free_port()  # nothing listens there
     with pytest.raises(RendezvousFailed, match=r"sshd did not become ready within 1 s on algo-2"):
         mpi._wait_sshd_ready(None, ["algo-2"], {"algo-2": "127.0.0.1"}, closed, 1.0)
+
+
+MPI4PY_SEGFAULT = """
+import ctypes, os
+from mpi4py import MPI
+MPI.COMM_WORLD.Barrier()
+if MPI.COMM_WORLD.Get_rank() == 1:
+    ctypes.string_at(0)  # a native crash: no Python traceback, no error file
+MPI.COMM_WORLD.Barrier()
+"""
+
+
+def test_a_rank_killed_by_a_signal_is_named_not_the_launcher(tmp_path: Path) -> None:
+    script = write_script(tmp_path / "segv.py", MPI4PY_SEGFAULT)
+    opt_ml = make_tree(tmp_path / "opt_ml")
+    r = run(
+        ["--opt-ml", str(opt_ml), "--backend", "mpi", "--nproc-per-host", "2", str(script)],
+        timeout=60,
+    )
+    assert r.returncode == 128 + signal.SIGSEGV, r.stderr
+    first = (opt_ml / "output" / "failure").read_text().splitlines()[0]
+    assert first.startswith("Killed:") and "SIGSEGV" in first, first
+    assert first.endswith("(host algo-1, rank 1, exit 139)"), first

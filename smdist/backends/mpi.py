@@ -589,6 +589,19 @@ def launch(argv: Sequence[str], hosts: Sequence[tuple[str, int]], job: Path, err
 
         bootstrap.write_record(record, str(error))
     elif root.signal:
+        from smdist import bootstrap
+
+        # No traceback to keep, but who it was: the agent names this rank, not the launcher.
+        identity = {
+            "kind": "signal",
+            "signal": signal.Signals(root.signal).name,
+            "host": root.host,
+            "rank": root.rank,
+            "local_rank": root.local_rank,
+            "reported_by": "mpirun",
+            "time": time.time(),
+        }
+        bootstrap.write_record(identity, str(error))
         sys.stdout.flush()
         sys.stderr.flush()
         # Die as the rank died, so the agent classifies the signal (OOM kill, segfault).
