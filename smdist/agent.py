@@ -38,7 +38,6 @@ class AgentOptions:
     """Static host -> address map (the local simulation); skips DNS."""
     grace_s: float = 90.0
     abort_grace_s: float = 5.0
-    barrier_timeout_s: float = 300.0
     hyperparameter_args: bool = True
 
 
@@ -164,8 +163,6 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
             coordinator,
             grace_s=opts.grace_s,
             abort_grace_s=opts.abort_grace_s,
-            # Hosts without workers of their own (MPI) wait for the master's run.
-            barrier_timeout_s=opts.barrier_timeout_s if specs else None,
             on_finished=lambda: _model_dir_inventory(config),
         )
         outcome: Outcome | None = None

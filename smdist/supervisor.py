@@ -141,7 +141,6 @@ class Supervisor:
         *,
         grace_s: float,
         abort_grace_s: float,
-        barrier_timeout_s: float | None,
         on_finished: Callable[[], str] | None = None,
     ) -> None:
         self.host = host
@@ -149,7 +148,6 @@ class Supervisor:
         self.coordinator = coordinator
         self.grace_s = grace_s
         self.abort_grace_s = abort_grace_s
-        self.barrier_timeout_s = barrier_timeout_s
         self.on_finished = on_finished
         self.workers: list[Worker] = []
         self._signals: list[int] = []
