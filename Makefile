@@ -38,6 +38,7 @@ test: lint typecheck $(STAMP)
 	$(BIN)/pytest -q tests
 
 bench: $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python -m bench.run
 
 clean:

@@ -83,30 +83,33 @@ class Outcome:
 def _relay(
     src: IO[bytes], dst: IO[bytes], prefix: bytes, tail: collections.deque[str] | None
 ) -> None:
-    """Copy whole lines from a worker pipe to ours, each with the host/rank prefix."""
+    """Copy whole lines from a worker pipe to ours, each with the host/rank prefix.
+
+    Works a chunk at a time (one replace per read, not a loop per line): the relay must
+    cost the job next to nothing even at hundreds of thousands of lines a second.
+    """
     fd = src.fileno()
     pending = b""
+    glue = b"\n" + prefix
     while True:
         try:
             chunk = os.read(fd, 65536)
         except OSError:
             chunk = b""
         if not chunk:
-            if pending:
-                lines = [pending]
-                pending = b""
-            else:
+            if not pending:
                 break
+            block, pending = pending + b"\n", b""  # a last line without its newline
         else:
             pending += chunk
             cut = pending.rfind(b"\n")
             if cut < 0:
                 if len(pending) < MAX_LINE:
                     continue
+                pending += b"\n"  # an endless line goes out in pieces, not held forever
                 cut = len(pending) - 1
-            lines = pending[: cut + 1].splitlines()
-            pending = pending[cut + 1 :]
-        out = b"".join(prefix + line + b"\n" for line in lines)
+            block, pending = pending[: cut + 1], pending[cut + 1 :]
+        out = prefix + block[:-1].replace(b"\n", glue) + b"\n" if prefix else block
         with _output_lock:
             try:
                 dst.write(out)
@@ -114,7 +117,8 @@ def _relay(
             except (OSError, ValueError):
                 pass
         if tail is not None:
-            tail.extend(line.decode("utf-8", "replace")[:1000] for line in lines[-TAIL_LINES:])
+            last = block[:-1].rsplit(b"\n", TAIL_LINES)[-TAIL_LINES:]
+            tail.extend(line.decode("utf-8", "replace")[:1000] for line in last)
     src.close()
 
 
