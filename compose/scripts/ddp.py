@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 import torch
+import torch._dynamo  # before any process group exists: see _teardown
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
@@ -54,16 +55,47 @@ def main() -> None:
         "hosts_by_rank": hosts,
         "weights": weights,
     }
-    out = Path(os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data")) / "ranks"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"rank-{rank}.json").write_text(json.dumps(record))
     print(f"allreduce={one.item():g} world_size={world} rank={rank} host={host}", flush=True)
 
     if rank == 0:
         model_dir = Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
         torch.save(model.module.state_dict(), model_dir / "model.pt")
+    del model, opt  # DDP holds the process group: drop it before destroying the group
+    _teardown()
+    record["threads_after_teardown"] = _torch_threads()
+
+    out = Path(os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data")) / "ranks"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank-{rank}.json").write_text(json.dumps(record))
+
+
+def _teardown() -> None:
+    """End torch.distributed so that no gloo thread outlives ``main``.
+
+    torch 2.13 keeps a process group alive after destroy_process_group() while anything
+    references it: DDP does, and importing torch._dynamo (DDP does that lazily, on first
+    use) pins every group that exists at that moment for the life of the process. A group
+    still alive at exit keeps gloo's threads (and rank 0's TCPStore thread) running
+    through interpreter finalization, and a peer on another host hanging up then aborts
+    the process ("terminate called without an active exception", exit 134) after its
+    work was done. Hence the early torch._dynamo import and the ``del`` above: here the
+    group is really freed and its threads joined while every peer is still connected.
+    """
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _torch_threads() -> list[str]:
+    """Names of this process's gloo and TCPStore threads (Linux names them in /proc)."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if "gloo" in name or "tcpstore" in name:
+            names.append(name)
+    return sorted(names)
 
 
 if __name__ == "__main__":

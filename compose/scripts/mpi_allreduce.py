@@ -44,6 +44,7 @@ def main() -> None:
     }
     if args.torch_step:
         import torch
+        import torch._dynamo  # before the process group exists: see ddp.py
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
@@ -58,6 +59,9 @@ def main() -> None:
         opt.step()
         record["torch"] = {"rank": ctx.rank, "world": dist.get_world_size()}
         record["weight0"] = model.module.weight.detach().flatten()[0].item()
+        # Free the group (DDP holds it) so gloo's threads end here, not at exit (ddp.py).
+        del model, opt, loss
+        dist.barrier()
         dist.destroy_process_group()
 
     out = Path(os.environ.get("SM_OUTPUT_DATA_DIR", "/opt/ml/output/data")) / "ranks"
