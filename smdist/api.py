@@ -211,8 +211,17 @@ class _StopWatcher:
 
     def close(self) -> None:
         signal.set_wakeup_fd(self._old_fd)
-        signal.signal(signal.SIGTERM, self._old_handler)
+        if self.ctx._stop.is_set():
+            # Stopping already: this host's SIGTERM may still be on its way (the ranks agree
+            # to stop as soon as any host's agent says so). It must not kill the teardown.
+            signal.signal(signal.SIGTERM, _ignore)
+        else:
+            signal.signal(signal.SIGTERM, self._old_handler)
         os.close(self._w)
+
+
+def _ignore(_signum: int, _frame: object) -> None:
+    pass
 
 
 def _device(local_rank: int) -> tuple[Any, str]:

@@ -138,7 +138,9 @@ def test_sigterm_to_the_master_is_a_coordinated_checkpointed_stop(tmp_path: Path
     agents["algo-1"].send_signal(signal.SIGTERM)  # docker stop / StopTrainingJob on one host
     errs = {h: a.communicate(timeout=60)[1] for h, a in agents.items()}
     print(f"SIGTERM -> every agent gone: {time.monotonic() - stop_at:.2f} s")
-    assert {h: a.returncode for h, a in agents.items()} == {"algo-1": 0, "algo-2": 0}, errs
+    assert {h: a.returncode for h, a in agents.items()} == {"algo-1": 0, "algo-2": 0}, "\n".join(
+        errs.values()
+    )
     steps = {json.loads((tmp_path / f"hook-{r}").read_text())["step"] for r in range(4)}
     assert len(steps) == 1, f"ranks stopped at different steps: {steps}"  # should_stop agreed
     for rank, host in ((0, "algo-1"), (1, "algo-1"), (2, "algo-2"), (3, "algo-2")):
@@ -234,3 +236,29 @@ def test_a_host_killed_mid_collective_is_the_root_cause_not_its_victims(tmp_path
         first = (tmp_path / h / "output" / "failure").read_text().splitlines()[0]
         assert first.startswith("HostLost: host algo-3 stopped responding"), first
     agents["algo-3"].communicate(timeout=10)
+
+
+LATE_SIGTERM = """
+import os, signal
+import smdist
+
+@smdist.main
+def train(ctx):
+    os.kill(os.getpid(), signal.SIGTERM)  # another host's agent asked first...
+    while not ctx.should_stop:
+        pass
+
+if __name__ == "__main__":
+    train()
+    # ...and this host's own SIGTERM lands while the worker is tearing down
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("teardown finished")
+"""
+
+
+def test_a_late_sigterm_after_the_stop_does_not_kill_the_teardown(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "ml")
+    script = write_script(tmp_path / "t.py", LATE_SIGTERM)
+    r = run(["--opt-ml", str(root), str(script)], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "[algo-1/0] teardown finished" in r.stdout
