@@ -132,3 +132,30 @@ def test_store_client_gives_up_at_its_deadline() -> None:
         RendezvousFailed, match=f"cannot reach the rendezvous store of algo-1 at 127.0.0.1:{port}"
     ):
         StoreClient("127.0.0.1", port, 0.5, "algo-1")
+
+
+def test_on_a_gpu_host_the_worker_binds_its_local_rank_and_picks_nccl(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A mock, because no GPU runs here (docs/gpu.md): CUDA is made to look available and
+    set_device is recorded; the real NCCL path is what docs/gpu.md asks a GPU session to run."""
+    import torch
+
+    from smdist import api
+
+    bound: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    device, backend = api._device(3)
+    assert backend == "nccl"
+    assert device == torch.device("cuda", 3)
+    assert bound == [3]
+
+
+def test_on_cpu_the_worker_uses_gloo() -> None:
+    import torch
+
+    from smdist import api
+
+    assert not torch.cuda.is_available()
+    assert api._device(1) == (torch.device("cpu"), "gloo")
