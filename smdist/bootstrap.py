@@ -22,6 +22,7 @@ import sys
 import sysconfig
 import time
 import traceback
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
@@ -58,10 +59,8 @@ def is_user_file(filename: str) -> bool:
     return not any(path.startswith(d + os.sep) for d in _LIBRARY_DIRS)
 
 
-def _frames(tb: TracebackType | None) -> list[dict[str, Any]]:
-    summary = traceback.extract_tb(tb)
-    if len(summary) > _MAX_FRAMES:  # a RecursionError: keep both ends
-        summary = traceback.StackSummary.from_list([*summary[:10], *summary[-(_MAX_FRAMES - 10) :]])
+def frame_dicts(frames: Sequence[traceback.FrameSummary]) -> list[dict[str, Any]]:
+    """Frames as error records hold them (whether each is the user's code included)."""
     return [
         {
             "file": f.filename,
@@ -70,8 +69,15 @@ def _frames(tb: TracebackType | None) -> list[dict[str, Any]]:
             "code": (f.line or "").strip(),
             "user": is_user_file(f.filename),
         }
-        for f in summary
+        for f in frames
     ]
+
+
+def _frames(tb: TracebackType | None) -> list[dict[str, Any]]:
+    summary = traceback.extract_tb(tb)
+    if len(summary) > _MAX_FRAMES:  # a RecursionError: keep both ends
+        summary = traceback.StackSummary.from_list([*summary[:10], *summary[-(_MAX_FRAMES - 10) :]])
+    return frame_dicts(summary)
 
 
 def _open_file_in_frames(tb: TracebackType | None) -> str | None:

@@ -977,16 +977,6 @@ def fail(reason: str, exit_code: int = 1) -> NoReturn:
 def _caller_frames() -> list[dict[str, Any]]:
     import traceback
 
-    from smdist.bootstrap import is_user_file
+    from smdist.bootstrap import frame_dicts
 
-    stack = traceback.extract_stack()[:-2]
-    return [
-        {
-            "file": f.filename,
-            "line": f.lineno,
-            "function": f.name,
-            "code": (f.line or "").strip(),
-            "user": is_user_file(f.filename),
-        }
-        for f in stack[-20:]
-    ]
+    return frame_dicts(traceback.extract_stack()[:-2][-20:])
