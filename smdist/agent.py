@@ -166,7 +166,6 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
             on_finished=lambda: _model_dir_inventory(config),
         )
         outcome: Outcome | None = None
-        others: dict[str, str] = {}
         try:
             outcome = supervisor.run()
         finally:
@@ -198,6 +197,8 @@ def _model_dir_inventory(config: cfg.JobConfig) -> str:
     for d in (config.paths.model_dir, config.paths.checkpoints_dir):
         for path in artifacts.remove_temp_files(d):
             log.info("removed %s, left by a write that never finished", path)
+    if len(config.resource.hosts) == 1:
+        return "{}"  # nothing to clash with: don't hash the model dir for nobody
     inventory = artifacts.inventory(config.paths.model_dir)
     return artifacts.encode_inventory(inventory).decode()
 
