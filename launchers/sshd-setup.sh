@@ -7,7 +7,7 @@
 #   (same image) trusts every other; password logins are off
 # - no host-key prompts for the job's hosts (algo-1, algo-2, ...: their keys are new
 #   on every job)
-# The agent starts sshd itself on hosts that need it (smdist.backends.mpi.ensure_sshd).
+# The agent starts sshd itself on hosts that need it (smdist.agent.backends.mpi.ensure_sshd).
 set -eu
 
 SSH_DIR="${SMDIST_SSH_DIR:-/root/.ssh}"

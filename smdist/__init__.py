@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from smdist.api import Context, init, main
-    from smdist.artifacts import (
+    from smdist.agent.report.failure import fail
+    from smdist.worker.api import Context, init, main
+    from smdist.worker.artifacts import (
         checkpoint_path,
         latest_checkpoint,
         model_path,
@@ -20,8 +21,7 @@ if TYPE_CHECKING:
         save,
         save_checkpoint,
     )
-    from smdist.channels import channel
-    from smdist.failure import fail
+    from smdist.worker.channels import channel
 
 _API = ("main", "init", "Context", "launched")
 _ARTIFACTS = (
@@ -56,11 +56,11 @@ def __getattr__(name: str) -> Any:
     import importlib
 
     if name in _API:
-        return getattr(importlib.import_module("smdist.api"), name)
+        return getattr(importlib.import_module("smdist.worker.api"), name)
     if name in _ARTIFACTS:
-        return getattr(importlib.import_module("smdist.artifacts"), name)
+        return getattr(importlib.import_module("smdist.worker.artifacts"), name)
     if name == "channel":
-        return importlib.import_module("smdist.channels").channel
+        return importlib.import_module("smdist.worker.channels").channel
     if name == "fail":
-        return importlib.import_module("smdist.failure").fail
+        return importlib.import_module("smdist.agent.report.failure").fail
     raise AttributeError(f"module 'smdist' has no attribute {name!r}")

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-SMDIST = [sys.executable, "-m", "smdist.cli"]
+SMDIST = [sys.executable, "-m", "smdist.agent.cli"]
 TRAIN = [
     sys.executable,
     "-c",
-    "import sys; from smdist.cli import train_main; sys.exit(train_main())",
+    "import sys; from smdist.agent.cli import train_main; sys.exit(train_main())",
 ]
 
 

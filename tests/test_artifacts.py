@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import smdist
-from smdist import artifacts
-from smdist.artifacts import (
+from smdist.worker import artifacts
+from smdist.worker.artifacts import (
     ArtifactError,
     Artifacts,
     ModelDirClash,
@@ -73,7 +73,7 @@ def arts(root: Path, rank: int, local_rank: int, host: str) -> Artifacts:
 CONCURRENT_WORKER = r"""
 import json, os, sys
 from pathlib import Path
-from smdist import artifacts
+from smdist.worker import artifacts
 
 rank = int(os.environ["RANK"])
 payload = f"rank {rank} ".encode() * 200_000  # ~1.5 MB: a write takes a while
@@ -155,7 +155,7 @@ def test_four_concurrent_ranks_leave_one_leader_file_and_per_host_per_rank_dirs(
 
 KILLED_WORKER = r"""
 import sys
-from smdist import artifacts
+from smdist.worker import artifacts
 
 with artifacts.open_model_file("model.bin") as f:
     f.write(b"v1" * 100_000)
@@ -282,7 +282,7 @@ def test_latest_checkpoint_after_several_saves(tmp_path: Path) -> None:
 STOPPABLE_WORKER = r"""
 import signal, sys
 import torch
-from smdist import artifacts
+from smdist.worker import artifacts
 
 stopping = False
 def on_sigterm(signum, frame):  # what the SIGTERM stop hook does: finish the step, save
@@ -460,7 +460,9 @@ def test_module_functions_read_the_environment(
 
 
 def test_importing_the_worker_modules_does_not_import_torch(tmp_path: Path) -> None:
-    code = "import sys, smdist.artifacts, smdist.channels; print('torch' in sys.modules)"
+    code = (
+        "import sys, smdist.worker.artifacts, smdist.worker.channels; print('torch' in sys.modules)"
+    )
     env = worker_env(tmp_path)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

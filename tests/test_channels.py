@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from smdist import config
-from smdist.channels import (
+from smdist.worker.channels import (
     RECORDIO_MAGIC,
     ChannelError,
     PipeChannel,

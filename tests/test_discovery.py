@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from smdist.discovery import DnsPolicy, parse_nameserver, resolve_hosts, wait_reachable
+from smdist.agent.discovery import DnsPolicy, parse_nameserver, resolve_hosts, wait_reachable
 from smdist.errors import ConfigError, HostResolutionFailed, RendezvousFailed
 
 # tests/ is not a package: make the helper importable however pytest was started.

@@ -21,9 +21,7 @@ from typing import Any
 
 import pytest
 
-from smdist.config import Paths
-from smdist.errors import HostResolutionFailed
-from smdist.failure import (
+from smdist.agent.report.failure import (
     FAILURE_FILE_LIMIT,
     REPORT_NAME,
     Diagnosis,
@@ -33,13 +31,15 @@ from smdist.failure import (
     memory_snapshot,
     report,
 )
+from smdist.config import Paths
+from smdist.errors import HostResolutionFailed
 
 REPO = Path(__file__).resolve().parents[1]
 HANG_GUARD = 60
 
 
 class Worker:
-    """A worker started as the agent starts it: ``python -m smdist.bootstrap SCRIPT``."""
+    """A worker started as the agent starts it: ``python -m smdist.worker.bootstrap SCRIPT``."""
 
     def __init__(
         self,
@@ -72,7 +72,7 @@ class Worker:
         }
         if bootstrap:
             full_env["SMDIST_ERROR_FILE"] = str(self.error_file)
-            cmd = [sys.executable, "-m", "smdist.bootstrap", name]
+            cmd = [sys.executable, "-m", "smdist.worker.bootstrap", name]
         else:
             cmd = [sys.executable, name]
         self.proc = subprocess.Popen(

@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from smdist.backends import mpi, mpi_rank
+from smdist.agent.backends import mpi
 from smdist.errors import RendezvousFailed
+from smdist.worker import mpi_rank
 from tests.helpers import (
     REPO,
     env,
@@ -300,7 +301,7 @@ def test_relay_rebuilds_lines_that_open_mpi_split_and_interleaved() -> None:
 def test_mpirun_command_for_two_hosts_forwards_no_per_host_values() -> None:
     argv = mpi.mpirun_argv(
         [("algo-1", 2), ("algo-2", 2)],
-        ["python", "-m", "smdist.backends.mpi_rank", "train.py"],
+        ["python", "-m", "smdist.worker.mpi_rank", "train.py"],
         interface="eth0",
         port=22,
         custom=["-x", "NCCL_DEBUG=INFO", "--mca", "btl_tcp_links", "2"],
@@ -313,7 +314,7 @@ def test_mpirun_command_for_two_hosts_forwards_no_per_host_values() -> None:
     assert "--allow-run-as-root" in argv
     assert "orte_abort_on_non_zero_status 1" in joined
     assert not any(a.startswith("SM_") for a in argv)  # each host's own, from host.json
-    assert argv[-4:] == ["python", "-m", "smdist.backends.mpi_rank", "train.py"]
+    assert argv[-4:] == ["python", "-m", "smdist.worker.mpi_rank", "train.py"]
     assert mpi.forwarded_names(["-x", "NCCL_DEBUG=INFO", "-x", "FOO"]) == ["NCCL_DEBUG", "FOO"]
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from smdist import preflight
+from smdist.agent import preflight
+from smdist.agent.preflight import Check, format_table, quick_checks, run_checks
+from smdist.agent.report.failure import report
 from smdist.config import Paths
 from smdist.errors import HostResolutionFailed
-from smdist.failure import report
-from smdist.preflight import Check, format_table, quick_checks, run_checks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -241,7 +241,7 @@ def test_small_shm_warns_on_gpu_hosts(tmp_path: Path, mount_tmpfs: list[Path]) -
 def test_host_resolution_hook(code: Path, opt_ml: Paths) -> None:
     write(code / "train.py", "import json\n")
 
-    # Stands in for smdist.discovery's resolver (another module's job, with its own tests).
+    # Stands in for smdist.agent.discovery's resolver (another module's job, with its own tests).
     def resolve(hosts: Sequence[str]) -> None:
         missing = [h for h in hosts if h != "algo-1"]
         if missing:
@@ -263,7 +263,9 @@ def test_a_failed_check_becomes_the_failure_file(code: Path, opt_ml: Paths) -> N
 
 
 def test_importing_preflight_and_failure_does_not_import_torch() -> None:
-    code = "import sys, smdist.preflight, smdist.bootstrap; print('torch' in sys.modules)"
+    code = (
+        "import sys, smdist.agent.preflight, smdist.worker.bootstrap; print('torch' in sys.modules)"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

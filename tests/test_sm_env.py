@@ -2,7 +2,7 @@
 
 Each case writes an /opt/ml tree, runs the toolkit's own ``Environment`` in a subprocess
 with ``SAGEMAKER_BASE_DIR`` at that tree (its module globals are computed from it at import),
-and compares every variable and the argument list with ``smdist.sm_env`` on the same tree.
+and compares every variable and the argument list with ``smdist.agent.sm_env`` on the same tree.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from smdist import config as smconfig
+from smdist.agent.sm_env import TOOLKIT_HYPERPARAMETERS, hyperparameter_args, sm_environment
 from smdist.errors import ConfigError
-from smdist.sm_env import TOOLKIT_HYPERPARAMETERS, hyperparameter_args, sm_environment
 
 TOOLKIT_SCRIPT = r"""
 import json, os, sys
@@ -436,7 +436,7 @@ def test_distribution_instance_groups_must_be_a_list(tmp_path: Path) -> None:
 
 def test_importing_sm_env_stays_cheap() -> None:
     code = (
-        "import sys, smdist.sm_env; "
+        "import sys, smdist.agent.sm_env; "
         "bad = [m for m in ('torch', 'sagemaker_training', 'boto3') if m in sys.modules]; "
         "sys.exit(repr(bad) if bad else 0)"
     )
@@ -484,7 +484,7 @@ def test_a_worker_started_by_smdist_run_sees_what_the_toolkit_gives(
     repo = Path(smconfig.__file__).resolve().parent.parent
     env = {**run.environ, "PYTHONPATH": str(repo), "SM_ENV_TEST_OUT": str(out)}
     done = subprocess.run(
-        [sys.executable, "-m", "smdist.cli", "--opt-ml", str(run.root), str(script)],
+        [sys.executable, "-m", "smdist.agent.cli", "--opt-ml", str(run.root), str(script)],
         env=env,
         capture_output=True,
         text=True,

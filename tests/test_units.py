@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from smdist import config, topology
+from smdist import config
+from smdist.agent import topology
+from smdist.agent.store import StoreClient, StoreServer, StoreUnavailable
 from smdist.errors import ConfigError, RendezvousFailed
-from smdist.store import StoreClient, StoreServer, StoreUnavailable
 
 
 @pytest.mark.parametrize(
@@ -141,7 +142,7 @@ def test_on_a_gpu_host_the_worker_binds_its_local_rank_and_picks_nccl(
     set_device is recorded; the real NCCL path is what docs/gpu.md asks a GPU session to run."""
     import torch
 
-    from smdist import api
+    from smdist.worker import api
 
     bound: list[int] = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -155,7 +156,7 @@ def test_on_a_gpu_host_the_worker_binds_its_local_rank_and_picks_nccl(
 def test_on_cpu_the_worker_uses_gloo() -> None:
     import torch
 
-    from smdist import api
+    from smdist.worker import api
 
     assert not torch.cuda.is_available()
     assert api._device(1) == (torch.device("cpu"), "gloo")

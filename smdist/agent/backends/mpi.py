@@ -4,10 +4,10 @@ sshd up and wait for the master's word through the rendezvous store.
 Every host's agent writes ``host.json`` (the environment a worker on that host gets: the
 container's variables, this host's SM_*, MASTER_ADDR/PORT) into one job directory whose path
 is the same on every host. mpirun forwards only that path (and what it needs to start
-Python); each rank's wrapper (``smdist.backends.mpi_rank``) loads its own host's file, so
+Python); each rank's wrapper (``smdist.worker.mpi_rank``) loads its own host's file, so
 SM_CURRENT_HOST and friends are never the master's.
 
-The master's one worker is ``python -m smdist.backends.mpi``: it runs mpirun, relays each
+The master's one worker is ``python -m smdist.agent.backends.mpi``: it runs mpirun, relays each
 rank's output as ``[host/rank]``, and when mpirun fails it names the rank that failed first
 (from mpirun's own report) and writes that rank's error record as its error file.
 """
@@ -35,7 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from smdist.backends.mpi_rank import (
+from smdist.agent.entry import Entry
+from smdist.agent.rendezvous import Coordinator, JobPlan
+from smdist.agent.supervisor import WorkerSpec
+from smdist.config import JobConfig
+from smdist.errors import ConfigError, RendezvousFailed, SmdistError
+from smdist.log import log
+from smdist.worker.mpi_rank import (
     FORWARDED_ENV,
     HOST_FILE,
     HOSTS_ENV,
@@ -43,12 +49,6 @@ from smdist.backends.mpi_rank import (
     parse_hosts,
     place,
 )
-from smdist.config import JobConfig
-from smdist.entry import Entry
-from smdist.errors import ConfigError, RendezvousFailed, SmdistError
-from smdist.log import log
-from smdist.rendezvous import Coordinator, JobPlan
-from smdist.supervisor import WorkerSpec
 
 SSH_PORT_ENV = "SMDIST_SSH_PORT"
 SSH_ARGS_ENV = "SMDIST_SSH_ARGS"
@@ -381,7 +381,7 @@ def worker_specs(
         HOSTS_ENV,
         *(n for n in LAUNCH_VARIABLES if n in launch_env),
     ]
-    rank_argv = [sys.executable, "-m", "smdist.backends.mpi_rank", *entry.argv()]
+    rank_argv = [sys.executable, "-m", "smdist.worker.mpi_rank", *entry.argv()]
     argv = mpirun_argv(
         hosts,
         rank_argv,
@@ -396,7 +396,7 @@ def worker_specs(
     log.info("mpirun: %s", shlex.join(argv))
     error_file = run_dir / "mpirun.error.json"
     launcher = [
-        sys.executable, "-m", "smdist.backends.mpi",
+        sys.executable, "-m", "smdist.agent.backends.mpi",
         "--error-file", str(error_file),
         "--job-dir", str(link),
         "--hosts", layout_arg,
@@ -530,7 +530,7 @@ class _Relay:
 
 def _root_record(root: RootCause, job: Path, tail: Sequence[str]) -> dict[str, Any] | None:
     """The failing rank's error record: its own file where it ran here, else its stderr."""
-    from smdist import failure
+    from smdist.agent.report import failure
 
     record: dict[str, Any] | None = None
     with contextlib.suppress(OSError, ValueError):
@@ -585,11 +585,11 @@ def launch(argv: Sequence[str], hosts: Sequence[tuple[str, int]], job: Path, err
         tail = list(relay.rank_tails.get(root.rank, ()))
     record = _root_record(root, job, tail)
     if record is not None:
-        from smdist import bootstrap
+        from smdist.worker import bootstrap
 
         bootstrap.write_record(record, str(error))
     elif root.signal:
-        from smdist import bootstrap
+        from smdist.worker import bootstrap
 
         # No traceback to keep, but who it was: the agent names this rank, not the launcher.
         identity = {
@@ -611,7 +611,7 @@ def launch(argv: Sequence[str], hosts: Sequence[tuple[str, int]], job: Path, err
 
 
 def main(args: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m smdist.backends.mpi")
+    p = argparse.ArgumentParser(prog="python -m smdist.agent.backends.mpi")
     p.add_argument("--error-file", required=True, type=Path)
     p.add_argument("--job-dir", required=True, type=Path)
     p.add_argument("--hosts", required=True)

@@ -6,10 +6,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from smdist.agent.entry import Entry
+from smdist.agent.rendezvous import Coordinator, JobPlan
+from smdist.agent.supervisor import WorkerSpec
 from smdist.config import JobConfig
-from smdist.entry import Entry
-from smdist.rendezvous import Coordinator, JobPlan
-from smdist.supervisor import WorkerSpec
 
 # Set for every worker, whatever the container says: these define the worker.
 RANK_VARIABLES = (

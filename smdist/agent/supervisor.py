@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from smdist.bootstrap import STACK_DUMP_SIGNAL
-from smdist.failure import WorkerFailure, looks_like_peer_error
-from smdist.failure import headline as failure_headline
+from smdist.agent.rendezvous import Coordinator, JobEvent
+from smdist.agent.report.failure import WorkerFailure, looks_like_peer_error
+from smdist.agent.report.failure import headline as failure_headline
 from smdist.log import log
-from smdist.rendezvous import Coordinator, JobEvent
+from smdist.worker.bootstrap import STACK_DUMP_SIGNAL
 
 PR_SET_PDEATHSIG = 1
 TAIL_LINES = 50
@@ -50,7 +50,7 @@ class WorkerSpec:
     argv: list[str]
     env: dict[str, str]
     python: bool
-    """Started through smdist.bootstrap, so SIGUSR1 dumps its stacks."""
+    """Started through smdist.worker.bootstrap, so SIGUSR1 dumps its stacks."""
     error_file: Path
     control_file: Path
     prefix: bool = True

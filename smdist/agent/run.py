@@ -14,12 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from smdist import config as cfg
-from smdist import entry as entries
-from smdist import failure, sm_env, topology
+from smdist.agent import entry as entries
+from smdist.agent import sm_env, topology
+from smdist.agent.rendezvous import JobEvent, JobPlan, RendezvousSettings, rendezvous
+from smdist.agent.report import failure
+from smdist.agent.supervisor import Outcome, Supervisor
 from smdist.errors import JobAborted, SmdistError
 from smdist.log import log, setup
-from smdist.rendezvous import JobEvent, JobPlan, RendezvousSettings, rendezvous
-from smdist.supervisor import Outcome, Supervisor
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def _resolve_addresses(opts: AgentOptions, config: cfg.JobConfig) -> dict[str, s
         if missing:
             raise SmdistError(f"no address given for {', '.join(missing)}")
         return {h: opts.host_addresses[h] for h in hosts}
-    from smdist import discovery
+    from smdist.agent import discovery
 
     nameserver = opts.nameserver or os.environ.get("SMDIST_NAMESERVER")
     policy = discovery.DnsPolicy(
@@ -127,14 +128,14 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     gpus = topology.visible_gpus()
     nproc_flag = opts.nproc_per_host
     if backend_name == "mpi":
-        from smdist.backends import mpi as backend
+        from smdist.agent.backends import mpi as backend
 
         asked = backend.mpi_options(config).nproc_per_host
         if nproc_flag == "auto" and asked is not None:
             nproc_flag = str(asked)
             log.info("processes per host: %d (sagemaker_mpi_num_of_processes_per_host)", asked)
     else:
-        from smdist.backends import torch as backend  # type: ignore[no-redef]
+        from smdist.agent.backends import torch as backend  # type: ignore[no-redef]
     nproc = topology.processes_per_host(nproc_flag, gpus)
     if nproc_flag == "auto":
         log.info("processes per host: %d (%d GPU(s) visible)", nproc, gpus)
@@ -192,7 +193,7 @@ def _entry_point_name(config: cfg.JobConfig, entry: entries.Entry) -> str:
 
 def _model_dir_inventory(config: cfg.JobConfig) -> str:
     """This host's /opt/ml/model as the master's clash check reads it (workers are done)."""
-    from smdist import artifacts
+    from smdist.worker import artifacts
 
     for d in (config.paths.model_dir, config.paths.checkpoints_dir):
         for path in artifacts.remove_temp_files(d):
@@ -206,7 +207,7 @@ def _model_dir_inventory(config: cfg.JobConfig) -> str:
 def _check_model_dirs(inventories: Mapping[str, str]) -> JobEvent | None:
     """Master, at the exit barrier: two hosts must not write the same path in the model dir
     (SageMaker's model.tar.gz would keep only one of them, silently)."""
-    from smdist import artifacts
+    from smdist.worker import artifacts
 
     try:
         decoded = {h: artifacts.decode_inventory(v.encode(), h) for h, v in inventories.items()}
@@ -225,7 +226,7 @@ def _check_model_dirs(inventories: Mapping[str, str]) -> JobEvent | None:
 
 def _preflight(config: cfg.JobConfig, entry: entries.Entry) -> None:
     """The checks that cost well under a second, before anything is spawned."""
-    from smdist import preflight
+    from smdist.agent import preflight
 
     argv = ["-m", entry.target] if entry.kind == "module" else [entry.target]
     checks = preflight.quick_checks(config, argv)

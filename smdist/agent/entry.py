@@ -32,9 +32,9 @@ class Entry:
 
     def argv(self) -> list[str]:
         if self.kind == "script":
-            return [sys.executable, "-m", "smdist.bootstrap", self.target, *self.args]
+            return [sys.executable, "-m", "smdist.worker.bootstrap", self.target, *self.args]
         if self.kind == "module":
-            return [sys.executable, "-m", "smdist.bootstrap", "-m", self.target, *self.args]
+            return [sys.executable, "-m", "smdist.worker.bootstrap", "-m", self.target, *self.args]
         return [self.target, *self.args]
 
     def with_args(self, extra: list[str]) -> Entry:

@@ -1,7 +1,7 @@
 """Agents meet, agree on the rank map, and share job-wide events.
 
 Single host: nothing to meet, a ``LocalCoordinator``. Several hosts: the master's agent
-hosts a store (``smdist.store``), every agent joins it, publishes its process count and
+hosts a store (``smdist.agent.store``), every agent joins it, publishes its process count and
 reads the plan. The same store then carries the job's one ``abort`` event (the first
 failure, a stop request, or a lost host: first writer wins, so it is the root cause),
 heartbeats, and the exit barrier.
@@ -17,10 +17,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from smdist.agent.store import StoreClient, StoreServer, StoreUnavailable
+from smdist.agent.topology import Layout, build_layout, master_host, sorted_hosts
 from smdist.errors import RendezvousFailed
 from smdist.log import log
-from smdist.store import StoreClient, StoreServer, StoreUnavailable
-from smdist.topology import Layout, build_layout, master_host, sorted_hosts
 
 ABORT = "abort"
 ALL_DONE = "alldone"

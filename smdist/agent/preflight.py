@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Literal
 
 from smdist import config as config_mod
+from smdist.agent.report.failure import Category, format_bytes
 from smdist.config import JobConfig, Paths
 from smdist.errors import ConfigError, SmdistError
-from smdist.failure import Category, format_bytes
 
 Status = Literal["ok", "warn", "fail"]
 HostResolver = Callable[[Sequence[str]], object]

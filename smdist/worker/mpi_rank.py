@@ -1,4 +1,4 @@
-"""One MPI rank's wrapper: ``python -m smdist.backends.mpi_rank ENTRY_ARGV...``.
+"""One MPI rank's wrapper: ``python -m smdist.worker.mpi_rank ENTRY_ARGV...``.
 
 mpirun starts it on every host with Open MPI's variables and the job directory's path. It
 takes this host's environment from the job directory (``host.json``, written by this host's
@@ -150,7 +150,7 @@ def _failed(code: int) -> None:
 
 def _run_python(args: list[str]) -> None:
     """The bootstrap in this process, so an uncaught exception can abort the MPI world."""
-    from smdist import bootstrap
+    from smdist.worker import bootstrap
 
     try:
         bootstrap.main(args)
@@ -171,7 +171,7 @@ def _run_python(args: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
-        sys.stderr.write("usage: python -m smdist.backends.mpi_rank PROGRAM [ARGS...]\n")
+        sys.stderr.write("usage: python -m smdist.worker.mpi_rank PROGRAM [ARGS...]\n")
         raise SystemExit(2)
     parent = os.getppid()
     # Die with mpirun / orted, even when they are SIGKILLed: no orphaned rank.
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     env = rank_environment(os.environ, host, str(path.parent))
     env.update(local)
-    if args[:3] == [sys.executable, "-m", "smdist.bootstrap"]:
+    if args[:3] == [sys.executable, "-m", "smdist.worker.bootstrap"]:
         os.environ.clear()
         os.environ.update(env)
         _run_python(args[3:])

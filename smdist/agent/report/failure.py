@@ -505,7 +505,7 @@ def _classify_record(rec: Mapping[str, Any], memory: MemoryStats | None) -> Clas
 
 
 def _classify_import(rec: Mapping[str, Any], where: tuple[str, ...], at: str) -> Classification:
-    from smdist.bootstrap import is_user_file
+    from smdist.worker.bootstrap import is_user_file
 
     name = rec.get("name")
     message = _one_line(str(rec.get("message", "")), 200)
@@ -955,7 +955,7 @@ def fail(reason: str, exit_code: int = 1) -> NoReturn:
 
     Under smdist the first rank to call it wins; outside smdist it overwrites the file.
     """
-    from smdist import bootstrap
+    from smdist.worker import bootstrap
 
     target = failure_file_path()
     under_agent = bool(os.environ.get(bootstrap.ERROR_FILE_ENV))
@@ -977,6 +977,6 @@ def fail(reason: str, exit_code: int = 1) -> NoReturn:
 def _caller_frames() -> list[dict[str, Any]]:
     import traceback
 
-    from smdist.bootstrap import frame_dicts
+    from smdist.worker.bootstrap import frame_dicts
 
     return frame_dicts(traceback.extract_stack()[:-2][-20:])

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from smdist import __version__
 from smdist import config as cfg
+from smdist.agent.rendezvous import RendezvousSettings
 from smdist.errors import ConfigError, EntryPointNotFound, SmdistError
 from smdist.log import log, setup
-from smdist.rendezvous import RendezvousSettings
 
 ENTRY_ENV = ("SMDIST_ENTRY", "SAGEMAKER_PROGRAM")
 
@@ -140,7 +140,7 @@ def _strip_sagemaker_train(args: list[str]) -> list[str]:
 
 
 def _options(ns: argparse.Namespace, entry: list[str], base_dir: Path | None):  # type: ignore[no-untyped-def]
-    from smdist.agent import AgentOptions
+    from smdist.agent.run import AgentOptions
 
     return AgentOptions(
         entry=entry,
@@ -165,7 +165,7 @@ def _options(ns: argparse.Namespace, entry: list[str], base_dir: Path | None):  
 
 def _check(ns: argparse.Namespace, entry: list[str], base_dir: Path | None) -> int:
     """``--check``: every preflight check as a table; the exit code the job would have."""
-    from smdist import discovery, preflight
+    from smdist.agent import discovery, preflight
 
     paths = cfg.resolve_root(ns.opt_ml)
     if base_dir is not None and entry and entry[0] != "-m" and not Path(entry[0]).is_absolute():
@@ -193,10 +193,10 @@ def _launch(ns: argparse.Namespace, entry: list[str], base_dir: Path | None) -> 
     if ns.check:
         return _check(ns, entry, base_dir)
     if ns.simulate:
-        from smdist import simulate
+        from smdist.agent import simulate
 
         return simulate.run(ns.simulate, ns.work_dir, entry, _agent_flags(ns), ns.opt_ml)
-    from smdist import agent
+    from smdist.agent import run as agent
 
     return agent.run(_options(ns, entry, base_dir))
 
@@ -267,7 +267,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except SmdistError as exc:
         setup("-")
         log.error("%s", exc.headline())
-        from smdist import failure
+        from smdist.agent.report import failure
 
         failure.write_failure_file(paths, exc.headline() + "\n")
         return exc.exit_code

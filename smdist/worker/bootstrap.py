@@ -1,4 +1,4 @@
-"""Worker bootstrap: ``python -m smdist.bootstrap SCRIPT|-m MODULE [ARGS...]``.
+"""Worker bootstrap: ``python -m smdist.worker.bootstrap SCRIPT|-m MODULE [ARGS...]``.
 
 Runs the user's entry exactly as ``python SCRIPT ARGS`` would, with two additions:
 faulthandler is on (a crash prints the Python stack; SIGUSR1 dumps every thread's stack,
@@ -238,7 +238,7 @@ def _exit_message(exc: SystemExit) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or (args[0] == "-m" and len(args) < 2):
-        sys.stderr.write("usage: python -m smdist.bootstrap SCRIPT|-m MODULE [ARGS...]\n")
+        sys.stderr.write("usage: python -m smdist.worker.bootstrap SCRIPT|-m MODULE [ARGS...]\n")
         raise SystemExit(2)
     faulthandler.enable()
     faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True, chain=False)

@@ -86,7 +86,7 @@ class Context:
 
     @property
     def channels(self) -> dict[str, Any]:
-        from smdist import channels
+        from smdist.worker import channels
 
         return dict(channels.channels())
 
@@ -115,10 +115,10 @@ class Context:
         self._stop_hooks.append(fn)
         return fn
 
-    # -- /opt/ml/model and /opt/ml/checkpoints, rank-aware (see smdist.artifacts) -------
+    # -- /opt/ml/model and /opt/ml/checkpoints, rank-aware (see smdist.worker.artifacts) -------
     @property
     def artifacts(self) -> Any:
-        from smdist.artifacts import Artifacts, WorkerIdentity
+        from smdist.worker.artifacts import Artifacts, WorkerIdentity
 
         who = WorkerIdentity(self.rank, self.local_rank, self.current_host)
         return Artifacts(self.model_dir, self.checkpoint_dir, who)
@@ -237,7 +237,7 @@ def init(*, timeout_s: float | None = None) -> Context:
     """Initialise torch.distributed from the environment and describe this worker."""
     import torch.distributed as dist
 
-    from smdist.backends.mpi_rank import world_from_mpi
+    from smdist.worker.mpi_rank import world_from_mpi
 
     for name, value in world_from_mpi(os.environ).items():  # plain `mpirun python train.py`
         os.environ.setdefault(name, value)
@@ -277,7 +277,7 @@ def init(*, timeout_s: float | None = None) -> Context:
 def _relaunch() -> None:
     """No launcher: become ``smdist-run THIS_SCRIPT ARGS`` (same process, same pid)."""
     script = os.path.abspath(sys.argv[0])
-    argv = [sys.executable, "-m", "smdist.cli", script, *sys.argv[1:]]
+    argv = [sys.executable, "-m", "smdist.agent.cli", script, *sys.argv[1:]]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)

@@ -18,11 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from smdist.agent.rendezvous import free_port
+from smdist.agent.supervisor import _child_setup
 from smdist.config import Paths
 from smdist.errors import ConfigError
 from smdist.log import log, setup
-from smdist.rendezvous import free_port
-from smdist.supervisor import _child_setup
 
 
 def parse_spec(text: str) -> tuple[int, int]:
@@ -82,7 +82,7 @@ def run(
     agents = []
     for tree in trees:
         argv = [
-            sys.executable, "-m", "smdist.cli",
+            sys.executable, "-m", "smdist.agent.cli",
             "--opt-ml", str(tree.root),
             "--nproc-per-host", str(nproc),
             "--rdzv-port", str(port),
