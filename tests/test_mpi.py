@@ -545,3 +545,26 @@ def test_a_rank_killed_by_a_signal_is_named_not_the_launcher(tmp_path: Path) -> 
     first = (opt_ml / "output" / "failure").read_text().splitlines()[0]
     assert first.startswith("Killed:") and "SIGSEGV" in first, first
     assert first.endswith("(host algo-1, rank 1, exit 139)"), first
+
+
+def test_mpi_backend_starts_the_layout_the_hosts_agreed(tmp_path: Path) -> None:
+    # The hyperparameter's count decides this host's share before the rendezvous; mpirun
+    # then starts exactly what the hosts agreed, never the hyperparameter again.
+    from smdist import config as cfg
+    from smdist.agent import backends
+    from smdist.agent.backends.base import Launch
+    from smdist.agent.entry import resolve
+    from smdist.agent.rendezvous import JobPlan, LocalCoordinator
+    from smdist.agent.topology import build_layout
+
+    hp = {"sagemaker_mpi_enabled": "true", "sagemaker_mpi_num_of_processes_per_host": "3"}
+    config = cfg.load(cfg.Paths(make_tree(tmp_path / "opt_ml", hyperparameters=hp)))
+    backend = backends.select(None, config)
+    assert backend.name == "mpi"
+    assert backend.processes_per_host("auto", 0) == (3, mpi.NPROC_HP)
+    assert backend.processes_per_host("2", 0) == (2, "--nproc-per-host")
+    script = write_script(tmp_path / "x.py", "pass\n")
+    plan = JobPlan(build_layout({"algo-1": 2}), "127.0.0.1", free_port())
+    launch = Launch(resolve([str(script)], None), dict(os.environ), {}, tmp_path)
+    (spec,) = backend.worker_specs(launch, plan, LocalCoordinator())
+    assert "-np 2 -H localhost:2" in " ".join(spec.argv)

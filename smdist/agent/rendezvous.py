@@ -17,9 +17,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from smdist.agent.report.failure import WorkerFailure
 from smdist.agent.store import StoreClient, StoreServer, StoreUnavailable
 from smdist.agent.topology import Layout, build_layout, master_host, sorted_hosts
-from smdist.errors import RendezvousFailed
+from smdist.errors import RendezvousFailed, SmdistError
 from smdist.log import log
 
 ABORT = "abort"
@@ -27,6 +28,11 @@ ALL_DONE = "alldone"
 FINISHED_ALL = "finishedall"
 INVENTORY = "inventory/"
 PUBLISHED = "pub/"  # keys of Coordinator.publish, apart from the coordinator's own
+
+Inventory = Mapping[str, tuple[int, str]]
+"""A host's model dir: relative path -> (size, sha256)."""
+CheckOutputs = Callable[[Mapping[str, Inventory]], "JobEvent | None"]
+"""The master's check of every host's inventory at the exit barrier: an event fails the job."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ class Coordinator(Protocol):
 
     def start_watch(self, notify: Callable[[], None]) -> None: ...
 
-    def finished(self, inventory: str = "{}") -> None:
+    def finished(self, inventory: Inventory | None = None) -> None:
         """This host's workers all exited 0: enter the exit barrier with its model-dir
         inventory (checked for clashes between hosts before the job may succeed)."""
 
@@ -92,9 +98,9 @@ class Coordinator(Protocol):
     def wait_for(self, keys: Sequence[str], timeout_s: float) -> list[str]:
         """Wait up to ``timeout_s`` for published ``keys``; return those still missing."""
 
-    def close(self, failures: str = "[]") -> dict[str, str]:
-        """Leave the job, handing over this host's failures (JSON); the master gets every
-        other host's back, so its report covers every rank."""
+    def close(self, failures: Sequence[WorkerFailure] = ()) -> dict[str, list[WorkerFailure]]:
+        """Leave the job, handing over this host's failures; the master gets every other
+        host's back, so its report covers every rank."""
 
 
 class LocalCoordinator:
@@ -116,7 +122,7 @@ class LocalCoordinator:
     def start_watch(self, notify: Callable[[], None]) -> None:
         pass
 
-    def finished(self, inventory: str = "{}") -> None:
+    def finished(self, inventory: Inventory | None = None) -> None:
         self._done = True
 
     def all_done(self) -> bool:
@@ -131,7 +137,7 @@ class LocalCoordinator:
     def wait_for(self, keys: Sequence[str], timeout_s: float) -> list[str]:
         return [k for k in keys if k not in self._published]  # no one else could publish
 
-    def close(self, failures: str = "[]") -> dict[str, str]:
+    def close(self, failures: Sequence[WorkerFailure] = ()) -> dict[str, list[WorkerFailure]]:
         return {}
 
 
@@ -189,7 +195,7 @@ def rendezvous(
     nproc: int,
     addresses: Mapping[str, str],
     settings: RendezvousSettings,
-    check_outputs: Callable[[Mapping[str, str]], JobEvent | None] | None = None,
+    check_outputs: CheckOutputs | None = None,
 ) -> tuple[JobPlan, Coordinator]:
     """Meet the other hosts' agents; return the job's plan and its coordinator."""
     ordered = sorted_hosts(hosts)
@@ -253,6 +259,14 @@ def rendezvous(
     return plan_, coordinator
 
 
+def _decode_inventory(text: str, host: str) -> dict[str, tuple[int, str]]:
+    try:
+        raw = json.loads(text)
+        return {str(k): (int(v[0]), str(v[1])) for k, v in raw.items()}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise SmdistError(f"model dir inventory from host {host}: malformed ({exc})") from None
+
+
 def _host_gone(server: StoreServer, host: str) -> None:
     """The master's store saw ``host``'s agent drop its connection without leaving: the
     container was killed or the agent died. Declared at once, as the job's abort (unless
@@ -280,7 +294,7 @@ class StoreCoordinator:
         watch: StoreClient,
         server: StoreServer | None,
         settings: RendezvousSettings,
-        check_outputs: Callable[[Mapping[str, str]], JobEvent | None] | None = None,
+        check_outputs: CheckOutputs | None = None,
     ) -> None:
         self.host = host
         self.layout = layout
@@ -322,9 +336,9 @@ class StoreCoordinator:
             return []
         return [h for h in self.layout.hosts if INVENTORY + h not in done]
 
-    def finished(self, inventory: str = "{}") -> None:
+    def finished(self, inventory: Inventory | None = None) -> None:
         try:
-            self._ctl.set(INVENTORY + self.host, inventory)
+            self._ctl.set(INVENTORY + self.host, json.dumps(inventory or {}))
             if self._ctl.add("finished", 1) == len(self.layout.slots):
                 self._ctl.set(FINISHED_ALL, "1")
         except StoreUnavailable as exc:
@@ -333,8 +347,16 @@ class StoreCoordinator:
     def _verdict(self) -> None:
         """Master only, once every host finished: check the model dirs, then release all."""
         items = self._watch.prefix(INVENTORY)
-        inventories = {k.removeprefix(INVENTORY): v for k, v in items.items()}
-        event = self._check_outputs(inventories) if self._check_outputs else None
+        try:
+            inventories = {
+                (h := k.removeprefix(INVENTORY)): _decode_inventory(v, h) for k, v in items.items()
+            }
+            event = self._check_outputs(inventories) if self._check_outputs else None
+        except SmdistError as exc:
+            log.error("%s", exc.headline())
+            event = JobEvent(
+                kind="failure", host="", headline=exc.headline(), exit_code=exc.exit_code
+            )
         if event is not None:
             self.report(event)
         else:
@@ -416,14 +438,15 @@ class StoreCoordinator:
                     notify()
                     return
 
-    def close(self, failures: str = "[]") -> dict[str, str]:
+    def close(self, failures: Sequence[WorkerFailure] = ()) -> dict[str, list[WorkerFailure]]:
         """Leave: the master keeps its store up until the others have read the outcome."""
         self._closing.set()
-        reports: dict[str, str] = {}
+        reports: dict[str, list[WorkerFailure]] = {}
         try:
             if self._server is None:
-                if failures != "[]":
-                    self._ctl.set(f"failures/{self.host}", failures)
+                if failures:
+                    text = json.dumps([f.to_dict() for f in failures])
+                    self._ctl.set(f"failures/{self.host}", text)
                 self._ctl.set(f"left/{self.host}", "1")
             else:
                 self._ctl.set(f"left/{self.host}", "1")  # its own connections close next
@@ -439,7 +462,10 @@ class StoreCoordinator:
                         self._settings.leave_timeout_s,
                     )
                 items = self._ctl.prefix("failures/")
-                reports = {k.removeprefix("failures/"): v for k, v in items.items()}
+                reports = {
+                    k.removeprefix("failures/"): [WorkerFailure.from_dict(d) for d in json.loads(v)]
+                    for k, v in items.items()
+                }
         except StoreUnavailable:
             pass
         finally:

@@ -4,7 +4,6 @@ failure, a failure file."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -14,9 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from smdist import config as cfg
+from smdist.agent import backends, sm_env, topology
 from smdist.agent import entry as entries
-from smdist.agent import sm_env, topology
-from smdist.agent.rendezvous import JobEvent, JobPlan, RendezvousSettings, rendezvous
+from smdist.agent.backends.base import Launch
+from smdist.agent.rendezvous import Inventory, JobEvent, JobPlan, RendezvousSettings, rendezvous
 from smdist.agent.report import failure
 from smdist.agent.supervisor import Outcome, Supervisor
 from smdist.errors import JobAborted, SmdistError
@@ -122,28 +122,15 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     _preflight(config, entry)
     if opts.hyperparameter_args:
         entry = entry.with_args(sm_env.hyperparameter_args(config.user_hyperparameters))
-    backend_name = opts.backend or (
-        "mpi" if config.framework_parameters.get("sagemaker_mpi_enabled") is True else "torch"
-    )
+    backend = backends.select(opts.backend, config)
     gpus = topology.visible_gpus()
-    nproc_flag = opts.nproc_per_host
-    if backend_name == "mpi":
-        from smdist.agent.backends import mpi as backend
-
-        asked = backend.mpi_options(config).nproc_per_host
-        if nproc_flag == "auto" and asked is not None:
-            nproc_flag = str(asked)
-            log.info("processes per host: %d (sagemaker_mpi_num_of_processes_per_host)", asked)
-    else:
-        from smdist.agent.backends import torch as backend  # type: ignore[no-redef]
-    nproc = topology.processes_per_host(nproc_flag, gpus)
-    if nproc_flag == "auto":
-        log.info("processes per host: %d (%d GPU(s) visible)", nproc, gpus)
+    nproc, source = backend.processes_per_host(opts.nproc_per_host, gpus)
+    log.info("processes per host: %d (%s)", nproc, source)
     addresses = _resolve_addresses(opts, config)
     plan, coordinator = rendezvous(
         res.current_host, res.hosts, nproc, addresses, opts.rdzv, check_outputs=_check_model_dirs
     )
-    _log_plan(opts, backend_name, plan, entry.target)
+    _log_plan(opts, backend.name, plan, entry.target)
     for d in (config.paths.model_dir, config.paths.output_data_dir):
         d.mkdir(parents=True, exist_ok=True)
     env_sm = sm_env.sm_environment(
@@ -155,9 +142,8 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     memory_at_start = failure.memory_snapshot()
     run_dir = Path(tempfile.mkdtemp(prefix="smdist-"))
     try:
-        specs = backend.worker_specs(
-            entry, plan, config, os.environ, env_sm, run_dir, coordinator=coordinator
-        )
+        launch = Launch(entry, os.environ, env_sm, run_dir)
+        specs = backend.worker_specs(launch, plan, coordinator)
         supervisor = Supervisor(
             res.current_host,
             specs,
@@ -165,13 +151,13 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
             grace_s=opts.grace_s,
             abort_grace_s=opts.abort_grace_s,
             on_finished=lambda: _model_dir_inventory(config),
+            identify=backend.identify,
         )
         outcome: Outcome | None = None
         try:
             outcome = supervisor.run()
         finally:
-            mine = json.dumps([f.to_dict() for f in outcome.failures]) if outcome else "[]"
-            others = coordinator.close(mine)
+            others = coordinator.close(outcome.failures if outcome else ())
         return _report(config, outcome, started, memory_at_start, others)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -191,7 +177,7 @@ def _entry_point_name(config: cfg.JobConfig, entry: entries.Entry) -> str:
     return entry.name
 
 
-def _model_dir_inventory(config: cfg.JobConfig) -> str:
+def _model_dir_inventory(config: cfg.JobConfig) -> Inventory:
     """This host's /opt/ml/model as the master's clash check reads it (workers are done)."""
     from smdist.worker import artifacts
 
@@ -199,22 +185,17 @@ def _model_dir_inventory(config: cfg.JobConfig) -> str:
         for path in artifacts.remove_temp_files(d):
             log.info("removed %s, left by a write that never finished", path)
     if len(config.resource.hosts) == 1:
-        return "{}"  # nothing to clash with: don't hash the model dir for nobody
-    inventory = artifacts.inventory(config.paths.model_dir)
-    return artifacts.encode_inventory(inventory).decode()
+        return {}  # nothing to clash with: don't hash the model dir for nobody
+    return artifacts.inventory(config.paths.model_dir)
 
 
-def _check_model_dirs(inventories: Mapping[str, str]) -> JobEvent | None:
+def _check_model_dirs(inventories: Mapping[str, Inventory]) -> JobEvent | None:
     """Master, at the exit barrier: two hosts must not write the same path in the model dir
-    (SageMaker's model.tar.gz would keep only one of them, silently)."""
+    (SageMaker's model.tar.gz would keep only one of them, silently). A failing clash raises
+    ``ModelDirClash``, which the coordinator makes the job's event."""
     from smdist.worker import artifacts
 
-    try:
-        decoded = {h: artifacts.decode_inventory(v.encode(), h) for h, v in inventories.items()}
-        warnings = artifacts.check_clashes(decoded)
-    except SmdistError as exc:
-        log.error("%s", exc.headline())
-        return JobEvent(kind="failure", host="", headline=exc.headline(), exit_code=exc.exit_code)
+    warnings = artifacts.check_clashes(inventories)
     for clash in warnings:
         log.warning(
             "model dir: %s is on hosts %s with the same content; model.tar.gz keeps one copy",
@@ -243,7 +224,7 @@ def _report(
     outcome: Outcome,
     started: float,
     memory: failure.MemoryStats,
-    other_hosts: Mapping[str, str],
+    other_hosts: Mapping[str, list[failure.WorkerFailure]],
 ) -> int:
     elapsed = time.monotonic() - started
     if outcome.exit_code == 0:
@@ -263,8 +244,8 @@ def _report(
         remote = JobAborted(event.headline, event.exit_code or 1)
     # The master also holds every other host's failures: its report covers every rank.
     everyone = list(outcome.failures)
-    for text in other_hosts.values():
-        everyone += [failure.WorkerFailure.from_dict(d) for d in json.loads(text)]
+    for theirs in other_hosts.values():
+        everyone += theirs
     diagnosis = failure.report(
         config.paths,
         everyone,

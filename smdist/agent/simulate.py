@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from smdist.agent.rendezvous import free_port
-from smdist.agent.supervisor import _child_setup
+from smdist.agent.supervisor import die_with_parent
 from smdist.config import Paths
 from smdist.errors import ConfigError
 from smdist.log import log, setup
@@ -89,8 +89,7 @@ def run(
             "--host-addresses", addresses,
             *agent_flags, "--", *entry,
         ]  # fmt: skip
-        env = dict(os.environ, SMDIST_SIMULATED="1")
-        agents.append(subprocess.Popen(argv, env=env, preexec_fn=lambda: _child_setup(me)))
+        agents.append(subprocess.Popen(argv, preexec_fn=lambda: die_with_parent(me)))
 
     def forward(signum: int, _frame: object) -> None:
         for a in agents:

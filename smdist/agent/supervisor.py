@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import dataclasses
+import enum
 import json
 import os
 import select
@@ -19,10 +19,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from smdist.agent.rendezvous import Coordinator, JobEvent
 from smdist.agent.report.failure import WorkerFailure, looks_like_peer_error
@@ -122,8 +122,8 @@ def _relay(
     src.close()
 
 
-def _child_setup(parent: int) -> None:
-    # Runs in the child between fork and exec: die with the agent, even on SIGKILL.
+def die_with_parent(parent: int) -> None:
+    """Runs in a child between fork and exec: die with ``parent``, even on its SIGKILL."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
@@ -136,6 +136,23 @@ def _signal_worker(w: Worker, sig: int) -> None:
         os.killpg(w.proc.pid, sig)
 
 
+class State(enum.Enum):
+    """Where one host's supervisor is; the arrows are the only transitions.
+
+    RUNNING  -> STOPPING (a stop request, here or anywhere), ABORTING (a failure, here or
+                anywhere, or a lost host), BARRIER (every worker here exited 0)
+    BARRIER  -> done (every host finished), ABORTING (a late event, e.g. a model-dir clash),
+                STOPPING (a stop request elsewhere)
+    STOPPING -> done when the workers exit (killed after --grace)
+    ABORTING -> done when the workers exit (killed after --abort-grace)
+    """
+
+    RUNNING = "running"
+    STOPPING = "stopping"
+    ABORTING = "aborting"
+    BARRIER = "barrier"
+
+
 class Supervisor:
     def __init__(
         self,
@@ -145,15 +162,29 @@ class Supervisor:
         *,
         grace_s: float,
         abort_grace_s: float,
-        on_finished: Callable[[], str] | None = None,
+        on_finished: Callable[[], Mapping[str, Any]] | None = None,
+        identify: Callable[[WorkerFailure], WorkerFailure] = lambda failure: failure,
     ) -> None:
+        """``on_finished``: this host's model-dir inventory for the exit barrier's clash
+        check. ``identify``: the backend's say on who failed (a launcher names its rank)."""
         self.host = host
         self.specs = list(specs)
         self.coordinator = coordinator
         self.grace_s = grace_s
         self.abort_grace_s = abort_grace_s
         self.on_finished = on_finished
+        self.identify = identify
         self.workers: list[Worker] = []
+        self.state = State.RUNNING
+        self.deadline: float | None = None
+        """The next timed step: the kill (STOPPING, ABORTING), a progress line (BARRIER)."""
+        self.event: JobEvent | None = None
+        self.failures: list[WorkerFailure] = []
+        self.killed = False
+        self.deferred: list[WorkerFailure] = []
+        """Broken-collective failures waiting (until ``deferred_until``) for a root cause."""
+        self.deferred_until: float | None = None
+        self._seen: set[int] = set()
         self._signals: list[int] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -183,7 +214,7 @@ class Supervisor:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
-                preexec_fn=lambda: _child_setup(me),
+                preexec_fn=lambda: die_with_parent(me),
             )
             w = Worker(spec, proc)
             prefix = f"[{self.host}/{spec.rank}] ".encode() if spec.prefix else b""
@@ -239,8 +270,9 @@ class Supervisor:
         for w in live:
             w.signalled = True
             _signal_worker(w, signal.SIGKILL)
+        self.killed = True
 
-    # -- the loop ---------------------------------------------------------------
+    # -- the state machine -----------------------------------------------------
     def run(self) -> Outcome:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         old_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
@@ -249,7 +281,11 @@ class Supervisor:
             self.coordinator.start_watch(self._wake)
             if not self.workers:
                 self._wake()  # nothing of its own to wait for: straight to the barrier
-            return self._loop()
+            while True:
+                self._sleep()
+                outcome = self._step()
+                if outcome is not None:
+                    return outcome
         finally:
             signal.set_wakeup_fd(old_fd)
             for s, h in old.items():
@@ -260,143 +296,157 @@ class Supervisor:
                 for t in w.relays:
                     t.join(timeout=5)
 
-    def _loop(self) -> Outcome:
-        state = "running"  # -> stopping | aborting | barrier
-        deadline: float | None = None
-        seen: set[int] = set()
-        failures: list[WorkerFailure] = []
-        event: JobEvent | None = None
-        killed = False
-        deferred: list[WorkerFailure] = []
-        deferred_until: float | None = None
-        while True:
-            wake_at = min(
-                (t for t in (deadline, deferred_until if deferred else None) if t), default=None
-            )
-            timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
-            select.select([self._wake_r], [], [], timeout)
-            with contextlib.suppress(BlockingIOError):
-                while os.read(self._wake_r, 4096):
-                    pass
+    def _sleep(self) -> None:
+        """Until something is written to the wake-up pipe or the next deadline passes."""
+        timers = (self.deadline, self.deferred_until if self.deferred else None)
+        wake_at = min((t for t in timers if t), default=None)
+        timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
+        select.select([self._wake_r], [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
 
-            while self._signals:
-                name = signal.Signals(self._signals.pop(0)).name
-                if state in ("running", "barrier"):
-                    log.info("%s received: stopping the job on every host", name)
-                    event = self.coordinator.report(
-                        JobEvent(
-                            kind="stop",
-                            host=self.host,
-                            headline=f"Stopped: {name} received on {self.host}",
-                            exit_code=0,
-                            time=time.time(),
-                        )
-                    )
-                    if state == "barrier":  # nothing left to stop here; the others stop
-                        return Outcome(0, event, (), stopped=True)
-                    state, deadline = self._begin_stop(event)
-                elif state in ("stopping", "aborting") and not killed and name == "SIGINT":
-                    log.info("second SIGINT: killing the workers now")
-                    self._kill()
-                    killed = True
+    def _step(self) -> Outcome | None:
+        """One wake-up: hand each event that happened to its method, in a fixed order."""
+        while self._signals:
+            outcome = self._on_signal_received(signal.Signals(self._signals.pop(0)).name)
+            if outcome is not None:
+                return outcome
+        for w in self.workers:
+            if w.returncode is not None and id(w) not in self._seen:
+                self._seen.add(id(w))
+                self._on_worker_exited(w)
+        due = self.deferred_until is not None and time.monotonic() >= self.deferred_until
+        if self.deferred and due:
+            self._on_peer_grace_over()
+        if self.state in (State.RUNNING, State.BARRIER):
+            remote = self.coordinator.event()
+            if remote is not None:
+                self._on_job_event(remote)
+        if not self._live() and not (self.deferred and self.state is State.RUNNING):
+            return self._on_workers_gone()
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self._on_grace_over()
+        return None
 
-            for w in self.workers:
-                if w.returncode is None or id(w) in seen:
-                    continue
-                seen.add(id(w))
-                code = w.returncode
-                if code == 0:
-                    continue
-                failure = WorkerFailure(
-                    host=self.host,
-                    rank=w.spec.rank,
-                    local_rank=w.spec.local_rank,
-                    returncode=code,
-                    time=w.exited_at,
-                    error_file=w.spec.error_file if w.spec.error_file.exists() else None,
-                    stderr_tail=tuple(w.tail),
-                    peer_stopped=w.signalled and state == "aborting",
-                )
-                rec = failure.error_record()
-                if rec is not None and rec.get("reported_by") == "mpirun":
-                    # The MPI launcher's error file names the rank that failed first.
-                    failure = dataclasses.replace(
-                        failure,
-                        host=str(rec.get("host") or self.host),
-                        rank=int(rec.get("rank") or 0),
-                        local_rank=int(rec.get("local_rank") or 0),
-                    )
-                failures.append(failure)
-                if state in ("running", "barrier") and not w.signalled:
-                    if looks_like_peer_error(failure) and self.coordinator.event() is None:
-                        # A collective broke: usually a victim of a failure elsewhere whose
-                        # news is on its way. Give the root cause a moment to arrive.
-                        if not deferred:
-                            log.info(
-                                "rank %d failed in a collective; waiting up to %.0f s for "
-                                "the root cause elsewhere",
-                                failure.rank,
-                                PEER_ERROR_GRACE_S,
-                            )
-                            deferred_until = time.monotonic() + PEER_ERROR_GRACE_S
-                        deferred.append(failure)
-                        continue
-                    event = self._publish_failure(failure)
-                    state, deadline = "aborting", time.monotonic() + self.abort_grace_s
-
-            overdue = deferred_until is not None and time.monotonic() >= deferred_until
-            if deferred and overdue and state == "running" and self.coordinator.event() is None:
-                event = self._publish_failure(min(deferred, key=lambda f: f.time))
-                state, deadline = "aborting", time.monotonic() + self.abort_grace_s
-                deferred = []
-
-            if state in ("running", "barrier"):
-                remote = self.coordinator.event()
-                if remote is not None:
-                    event = remote
-                    if remote.kind == "stop":
-                        log.info("stop requested by %s: stopping workers", remote.host)
-                        state, deadline = self._begin_stop(remote)
-                    else:
-                        log.info("job aborted: %s", remote.headline)
-                        if self._live():
-                            self._control("abort", remote)
-                            self._terminate(dump=True)
-                        state = "aborting"
-                        deadline = time.monotonic() + self.abort_grace_s
-
-            if not self._live() and not (deferred and state == "running"):
-                if state == "running":
-                    self.coordinator.finished(self.on_finished() if self.on_finished else "{}")
-                    state = "barrier"
-                    deadline = time.monotonic() + BARRIER_LOG_EVERY_S
-                if state == "barrier":
-                    if self.coordinator.all_done():
-                        return Outcome(0, None, (), stopped=False)
-                    late = self.coordinator.event()
-                    if late is not None:  # e.g. a model-dir clash found at the barrier
-                        return self._outcome("aborting", late, failures)
-                    if deadline is not None and time.monotonic() >= deadline:
-                        # Not a time limit: the others may train longer than this host. A
-                        # host that dies or hangs is caught by the heartbeats instead.
-                        log.info(
-                            "exit barrier: waiting for %s to finish (heartbeats watch them)",
-                            ", ".join(self.coordinator.unfinished()) or "the master's verdict",
-                        )
-                        deadline = time.monotonic() + BARRIER_LOG_EVERY_S
-                    continue
-                return self._outcome(state, event, failures)
-
-            expired = deadline is not None and time.monotonic() >= deadline
-            if expired and not killed and state in ("stopping", "aborting"):
+    def _on_signal_received(self, name: str) -> Outcome | None:
+        """SIGTERM/SIGINT here: stop every host (a second SIGINT kills the workers now)."""
+        if self.state in (State.STOPPING, State.ABORTING):
+            if not self.killed and name == "SIGINT":
+                log.info("second SIGINT: killing the workers now")
                 self._kill()
-                killed = True
-                deadline = None
+            return None
+        log.info("%s received: stopping the job on every host", name)
+        self.event = self.coordinator.report(
+            JobEvent(
+                kind="stop",
+                host=self.host,
+                headline=f"Stopped: {name} received on {self.host}",
+                exit_code=0,
+                time=time.time(),
+            )
+        )
+        if self.state is State.BARRIER:  # nothing left to stop here; the others stop
+            return Outcome(0, self.event, (), stopped=True)
+        self._begin_stop(self.event)
+        return None
 
-    def _publish_failure(self, failure: WorkerFailure) -> JobEvent:
+    def _on_worker_exited(self, w: Worker) -> None:
+        """A worker exited: a failure unless 0; the first one stops the job everywhere."""
+        if w.returncode == 0 or w.returncode is None:
+            return
+        failure = self.identify(
+            WorkerFailure(
+                host=self.host,
+                rank=w.spec.rank,
+                local_rank=w.spec.local_rank,
+                returncode=w.returncode,
+                time=w.exited_at,
+                error_file=w.spec.error_file if w.spec.error_file.exists() else None,
+                stderr_tail=tuple(w.tail),
+                peer_stopped=w.signalled and self.state is State.ABORTING,
+            )
+        )
+        self.failures.append(failure)
+        if self.state not in (State.RUNNING, State.BARRIER) or w.signalled:
+            return  # stopped by us: a consequence, not a cause
+        if looks_like_peer_error(failure) and self.coordinator.event() is None:
+            # A collective broke: usually a victim of a failure elsewhere whose news is on
+            # its way. Give the root cause a moment to arrive.
+            if not self.deferred:
+                log.info(
+                    "rank %d failed in a collective; waiting up to %.0f s for the root cause "
+                    "elsewhere",
+                    failure.rank,
+                    PEER_ERROR_GRACE_S,
+                )
+                self.deferred_until = time.monotonic() + PEER_ERROR_GRACE_S
+            self.deferred.append(failure)
+            return
+        self._publish_failure(failure)
+
+    def _on_peer_grace_over(self) -> None:
+        """No root cause arrived from elsewhere: the first broken collective is the cause."""
+        first = min(self.deferred, key=lambda f: f.time)
+        self.deferred = []  # already among self.failures; the timer is done
+        if self.state is State.RUNNING and self.coordinator.event() is None:
+            self._publish_failure(first)
+
+    def _on_job_event(self, remote: JobEvent) -> None:
+        """Another host (or the store) ended the job: a stop request, a failure, a lost host."""
+        self.event = remote
+        if remote.kind == "stop":
+            log.info("stop requested by %s: stopping workers", remote.host)
+            self._begin_stop(remote)
+            return
+        log.info("job aborted: %s", remote.headline)
+        if self._live():
+            self._control("abort", remote)
+            self._terminate(dump=True)
+        self._enter(State.ABORTING, self.abort_grace_s)
+
+    def _on_workers_gone(self) -> Outcome | None:
+        """Every worker here has exited: enter the exit barrier, or end with the outcome."""
+        if self.state is State.RUNNING:
+            self.coordinator.finished(self.on_finished() if self.on_finished else {})
+            self._enter(State.BARRIER, BARRIER_LOG_EVERY_S)
+        if self.state is State.BARRIER:
+            return self._on_barrier()
+        return self._outcome()
+
+    def _on_barrier(self) -> Outcome | None:
+        """At the exit barrier: done when every host is; a late event still fails the job."""
+        if self.coordinator.all_done():
+            return Outcome(0, None, (), stopped=False)
+        late = self.coordinator.event()
+        if late is not None:  # e.g. a model-dir clash found at the barrier
+            self.state, self.event = State.ABORTING, late
+            return self._outcome()
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            # Not a time limit: the others may train longer than this host. A host that
+            # dies or hangs is caught by the heartbeats instead.
+            log.info(
+                "exit barrier: waiting for %s to finish (heartbeats watch them)",
+                ", ".join(self.coordinator.unfinished()) or "the master's verdict",
+            )
+            self.deadline = time.monotonic() + BARRIER_LOG_EVERY_S
+        return None
+
+    def _on_grace_over(self) -> None:
+        """Workers told to stop did not exit within their grace: kill them."""
+        if self.state in (State.STOPPING, State.ABORTING) and not self.killed:
+            self._kill()
+            self.deadline = None
+
+    # -- transitions -------------------------------------------------------------
+    def _enter(self, state: State, deadline_in_s: float | None) -> None:
+        self.state = state
+        self.deadline = None if deadline_in_s is None else time.monotonic() + deadline_in_s
+
+    def _publish_failure(self, failure: WorkerFailure) -> None:
         """Make ``failure`` the job's event (unless another came first) and stop our workers."""
         log.info("rank %d %s: stopping the job", failure.rank, failure.describe())
-        event = self.coordinator.report(
+        self.event = self.coordinator.report(
             JobEvent(
                 kind="failure",
                 host=failure.host,
@@ -407,27 +457,27 @@ class Supervisor:
                 failure=failure.to_dict(),
             )
         )
-        self._control("abort", event)
+        self._control("abort", self.event)
         self._terminate(dump=True)
-        return event
+        self._enter(State.ABORTING, self.abort_grace_s)
 
-    def _begin_stop(self, event: JobEvent) -> tuple[str, float]:
+    def _begin_stop(self, event: JobEvent) -> None:
         if event.kind != "stop":
             self._control("abort", event)
             self._terminate(dump=True)
-            return "aborting", time.monotonic() + self.abort_grace_s
+            self._enter(State.ABORTING, self.abort_grace_s)
+            return
         self._control("stop", event)
         self._terminate(dump=False)
         log.info("workers have %.0f s to finish (--grace)", self.grace_s)
-        return "stopping", time.monotonic() + self.grace_s
+        self._enter(State.STOPPING, self.grace_s)
 
-    def _outcome(
-        self, state: str, event: JobEvent | None, failures: list[WorkerFailure]
-    ) -> Outcome:
-        if state == "stopping":
+    def _outcome(self) -> Outcome:
+        failures, event = tuple(self.failures), self.event
+        if self.state is State.STOPPING:
             code = failures[0].exit_code if failures else 0
-            return Outcome(code, event, tuple(failures), stopped=True)
+            return Outcome(code, event, failures, stopped=True)
         code = event.exit_code if event is not None and event.exit_code else 1
         if failures and event is not None and event.host == self.host and event.rank is not None:
             code = event.exit_code or 1
-        return Outcome(code, event, tuple(failures), stopped=False)
+        return Outcome(code, event, failures, stopped=False)

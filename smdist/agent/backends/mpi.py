@@ -18,6 +18,7 @@ import argparse
 import collections
 import contextlib
 import ctypes
+import dataclasses
 import itertools
 import json
 import os
@@ -35,8 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from smdist.agent.backends.base import Launch, nproc_from_flag
 from smdist.agent.entry import Entry
 from smdist.agent.rendezvous import Coordinator, JobPlan
+from smdist.agent.report.failure import WorkerFailure
 from smdist.agent.supervisor import WorkerSpec
 from smdist.config import JobConfig
 from smdist.errors import ConfigError, RendezvousFailed, SmdistError
@@ -323,22 +326,61 @@ def _wait_sshd_ready(
             )
 
 
-def worker_specs(
+class MpiBackend:
+    """Open MPI's mpirun on the master starts every host's ranks over ssh."""
+
+    name = "mpi"
+
+    def __init__(self, config: JobConfig) -> None:
+        self.config = config
+        self.options = mpi_options(config)  # parsed once; a bad value fails before the rendezvous
+
+    def processes_per_host(self, flag: str, gpus: int) -> tuple[int, str]:
+        if flag == "auto" and self.options.nproc_per_host is not None:
+            return self.options.nproc_per_host, NPROC_HP
+        return nproc_from_flag(flag, gpus)
+
+    def identify(self, failure: WorkerFailure) -> WorkerFailure:
+        """The launcher's error file names the rank that failed first: that rank failed."""
+        rec = failure.error_record()
+        if rec is None or rec.get("reported_by") != "mpirun":
+            return failure
+        return dataclasses.replace(
+            failure,
+            host=str(rec.get("host") or failure.host),
+            rank=int(rec.get("rank") or 0),
+            local_rank=int(rec.get("local_rank") or 0),
+        )
+
+    def worker_specs(
+        self, launch: Launch, plan: JobPlan, coordinator: Coordinator
+    ) -> list[WorkerSpec]:
+        """Master: one spec, the mpirun launcher. Other hosts: none (sshd up, readiness told)."""
+        return _worker_specs(
+            launch.entry,
+            plan,
+            self.config,
+            self.options,
+            launch.base_env,
+            launch.sm_env,
+            launch.run_dir,
+            coordinator,
+        )
+
+
+def _worker_specs(
     entry: Entry,
     plan: JobPlan,
     config: JobConfig,
+    opts: MpiOptions,
     base_env: Mapping[str, str],
     sm_env: Mapping[str, str],
     run_dir: Path,
-    coordinator: Coordinator | None = None,
+    coordinator: Coordinator,
 ) -> list[WorkerSpec]:
-    """Master: one spec, the mpirun launcher. Other hosts: none (sshd up, readiness told)."""
     host = config.resource.current_host
     layout = plan.layout
-    opts = mpi_options(config)
-    nprocs = {s.host: opts.nproc_per_host or s.nproc for s in layout.slots}
-    if opts.nproc_per_host is not None:
-        log.info("processes per host: %d (%s)", opts.nproc_per_host, NPROC_HP)
+    nprocs = {s.host: s.nproc for s in layout.slots}  # as the rendezvous agreed
     slot = layout.slot(host)
     env = host_environment(base_env, sm_env, plan, config, nprocs[host])
     write_host_file(run_dir, host, slot.node_rank, env)
@@ -353,8 +395,7 @@ def worker_specs(
         else:
             done = ensure_sshd(port)
         log.info("MPI: %s; mpirun on %s starts this host's ranks", done, layout.master)
-        if coordinator is not None:
-            coordinator.publish(SSHD_READY_KEY + host, "1")
+        coordinator.publish(SSHD_READY_KEY + host, "1")
         return []
     _wait_sshd_ready(coordinator, others, plan.addresses, port, SSHD_WAIT_S)
     mpirun = shutil.which("mpirun", path=base_env.get("PATH"))
