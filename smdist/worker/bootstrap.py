@@ -214,16 +214,39 @@ def write_record(record: dict[str, Any], path: str | None = None) -> bool:
     return True
 
 
+def _torchelastic_record(path: str) -> dict[str, Any] | None:
+    """The error file torch elastic's ``@record`` wrote (``TORCHELASTIC_ERROR_FILE`` points
+    here) for the exception now leaving the script, if it is one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and "version" not in data and isinstance(data.get("message"), dict):
+        return data
+    return None
+
+
 def record_exception(exc: BaseException, path: str | None = None) -> None:
-    """Write the error file for ``exc`` (first writer wins: the root exception)."""
+    """Write the error file for ``exc`` (first writer wins: the root exception).
+
+    A file from ``@record`` is for the same exception (it re-raises): it is replaced by the
+    fuller record, which keeps it under ``torchelastic``."""
     path = path or os.environ.get(ERROR_FILE_ENV)
-    if not path or os.path.exists(path):
+    if not path:
+        return
+    elastic = _torchelastic_record(path) if os.path.exists(path) else None
+    if os.path.exists(path) and elastic is None:
         return
     try:
         record = build_record(exc)
     except Exception as inner:  # never let the recorder replace the user's exception
         record = {"version": RECORD_VERSION, "kind": "exception", **_describe(exc)}
         record["recorder_error"] = repr(inner)
+    if elastic is not None:
+        record["torchelastic"] = elastic
+        with contextlib.suppress(OSError):
+            os.unlink(path)
     write_record(record, path)
 
 

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from smdist.torchrun_env import rank_variables
+
 JOB_DIR_ENV = "SMDIST_MPI_JOB_DIR"
 FORWARDED_ENV = "SMDIST_MPI_FORWARDED"
 """Variables the user forwarded with ``-x``: they win over each host's own values."""
@@ -81,6 +83,14 @@ def rank_environment(
             "GROUP_RANK": str(host.get("node_rank", 0)),
             "SMDIST_ERROR_FILE": os.path.join(host_dir, f"rank-{rank}.error.json"),
         }
+    )
+    env.update(
+        rank_variables(
+            host.get("env") or {},
+            rank=rank,
+            world_size=env["WORLD_SIZE"],
+            error_file=env["SMDIST_ERROR_FILE"],
+        )
     )
     return env
 

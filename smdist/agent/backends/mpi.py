@@ -44,6 +44,7 @@ from smdist.agent.supervisor import WorkerSpec
 from smdist.config import JobConfig
 from smdist.errors import ConfigError, RendezvousFailed, SmdistError
 from smdist.log import log
+from smdist.torchrun_env import host_variables, run_id
 from smdist.worker.mpi_rank import (
     FORWARDED_ENV,
     HOST_FILE,
@@ -227,6 +228,10 @@ def host_environment(
             "SMDIST_OPT_ML": str(config.paths.root),
         }
     )
+    job_id, _ = run_id(base_env, config.hyperparameters, plan.master_addr, plan.layout.hosts)
+    node_rank = plan.layout.slot(config.resource.current_host).node_rank
+    n = len(plan.layout.hosts)
+    env.update(host_variables(base_env, run_id=job_id, node_rank=node_rank, num_hosts=n))
     return env
 
 

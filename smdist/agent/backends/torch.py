@@ -9,6 +9,8 @@ from smdist.agent.rendezvous import Coordinator, JobPlan
 from smdist.agent.report.failure import WorkerFailure
 from smdist.agent.supervisor import WorkerSpec
 from smdist.config import JobConfig
+from smdist.log import log
+from smdist.torchrun_env import run_id, worker_variables
 
 # Set for every worker, whatever the container says: these define the worker.
 RANK_VARIABLES = (
@@ -47,6 +49,11 @@ class TorchBackend:
         slot = plan.layout.slot(self.config.resource.current_host)
         opt_ml_root = self.config.paths.root
         specs = []
+        hosts = plan.layout.hosts
+        job_id, source = run_id(
+            launch.base_env, self.config.hyperparameters, plan.master_addr, hosts
+        )
+        log.info("torchrun variables for the workers: TORCHELASTIC_RUN_ID from %s", source)
         for local_rank, rank in enumerate(slot.ranks):
             env = dict(launch.base_env)
             for name, value in sm_env.items():
@@ -68,6 +75,17 @@ class TorchBackend:
                     "SMDIST_ERROR_FILE": str(run_dir / f"rank-{rank}.error.json"),
                     "SMDIST_CONTROL_FILE": str(run_dir / f"rank-{rank}.control.json"),
                 }
+            )
+            env.update(
+                worker_variables(
+                    launch.base_env,
+                    run_id=job_id,
+                    rank=rank,
+                    world_size=plan.layout.world_size,
+                    node_rank=slot.node_rank,
+                    num_hosts=len(hosts),
+                    error_file=env["SMDIST_ERROR_FILE"],
+                )
             )
             specs.append(
                 WorkerSpec(

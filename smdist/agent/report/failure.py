@@ -86,6 +86,8 @@ class WorkerFailure:
             data = json.loads(self.error_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+        if isinstance(data, dict) and is_torchelastic_record(data):
+            return from_torchelastic(data)  # @record wrote it; the bootstrap did not run
         return data if isinstance(data, dict) else None
 
     def describe(self) -> str:
@@ -624,6 +626,31 @@ def parse_stderr_traceback(lines: Sequence[str]) -> dict[str, Any] | None:
     nm = re.match(r"No module named '([^']+)'", message)
     if nm:
         rec["name"] = nm.group(1)
+    return rec
+
+
+def is_torchelastic_record(data: Mapping[str, Any]) -> bool:
+    """Whether an error file is torch elastic's (``@record``), not smdist's bootstrap's."""
+    return "version" not in data and isinstance(data.get("message"), Mapping)
+
+
+def from_torchelastic(data: Mapping[str, Any]) -> dict[str, Any]:
+    """An error record from the file torch elastic's ``@record`` writes to
+    ``TORCHELASTIC_ERROR_FILE``: ``{"message": {"message": "Type: text", "extraInfo":
+    {"py_callstack": traceback, "timestamp": ...}}}``."""
+    from smdist.worker.bootstrap import is_user_file
+
+    message = data["message"]
+    extra = message.get("extraInfo") if isinstance(message.get("extraInfo"), Mapping) else {}
+    callstack = str(extra.get("py_callstack") or "")
+    rec = parse_stderr_traceback(callstack.splitlines())
+    if rec is None:
+        typ, _, text = str(message.get("message", "")).partition(": ")
+        rec = {"type": typ or "Exception", "message": text, "frames": []}
+    for frame in rec["frames"]:
+        frame["user"] = is_user_file(str(frame["file"]))
+    rec["kind"] = "torchelastic"
+    rec["traceback"] = callstack
     return rec
 
 
