@@ -63,3 +63,15 @@ class JobAborted(SmdistError):
         super().__init__(message if sep else headline)
         self.category = category if sep and " " not in category else "JobAborted"
         self.exit_code = exit_code
+
+
+class CodeDownloadFailed(SmdistError):
+    """``sagemaker_submit_directory`` could not be fetched or safely extracted."""
+
+    category = "CodeDownloadFailed"
+
+
+class DependencyInstallFailed(SmdistError):
+    """pip could not install the code dir's requirements.txt (or the package itself)."""
+
+    category = "DependencyInstallFailed"

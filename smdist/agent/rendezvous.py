@@ -95,8 +95,14 @@ class Coordinator(Protocol):
     def publish(self, key: str, value: str) -> None:
         """Share ``key`` with every host's agent (e.g. a backend's readiness)."""
 
-    def wait_for(self, keys: Sequence[str], timeout_s: float) -> list[str]:
-        """Wait up to ``timeout_s`` for published ``keys``; return those still missing."""
+    def wait_for(
+        self, keys: Sequence[str], timeout_s: float, *, or_abort: bool = False
+    ) -> list[str]:
+        """Wait up to ``timeout_s`` for published ``keys``; return those still missing.
+        ``or_abort``: return early when the job's abort event appears (then ``event()``)."""
+
+    def published(self, prefix: str) -> dict[str, str]:
+        """Every published key under ``prefix`` (keys as given to ``publish``)."""
 
     def close(self, failures: Sequence[WorkerFailure] = ()) -> dict[str, list[WorkerFailure]]:
         """Leave the job, handing over this host's failures; the master gets every other
@@ -134,8 +140,13 @@ class LocalCoordinator:
     def publish(self, key: str, value: str) -> None:
         self._published[key] = value
 
-    def wait_for(self, keys: Sequence[str], timeout_s: float) -> list[str]:
+    def wait_for(
+        self, keys: Sequence[str], timeout_s: float, *, or_abort: bool = False
+    ) -> list[str]:
         return [k for k in keys if k not in self._published]  # no one else could publish
+
+    def published(self, prefix: str) -> dict[str, str]:
+        return {k: v for k, v in self._published.items() if k.startswith(prefix)}
 
     def close(self, failures: Sequence[WorkerFailure] = ()) -> dict[str, list[WorkerFailure]]:
         return {}
@@ -365,12 +376,31 @@ class StoreCoordinator:
     def publish(self, key: str, value: str) -> None:
         self._ctl.set(PUBLISHED + key, value)
 
-    def wait_for(self, keys: Sequence[str], timeout_s: float) -> list[str]:
+    def wait_for(
+        self, keys: Sequence[str], timeout_s: float, *, or_abort: bool = False
+    ) -> list[str]:
         full = [PUBLISHED + k for k in keys]
-        if self._ctl.wait(full, timeout_s):
-            return []
-        have = self._ctl.prefix(PUBLISHED)
-        return [k for k in keys if PUBLISHED + k not in have]
+        if not or_abort:
+            if self._ctl.wait(full, timeout_s):
+                return []
+            have = self._ctl.prefix(PUBLISHED)
+            return [k for k in keys if PUBLISHED + k not in have]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            have = self._ctl.prefix(PUBLISHED)
+            missing = [k for k in keys if PUBLISHED + k not in have]
+            abort = self._ctl.get(ABORT)
+            if abort is not None:
+                self._set_event(JobEvent.from_json(abort))
+            left = deadline - time.monotonic()
+            if not missing or abort is not None or left <= 0:
+                return missing
+            # Wakes when the first missing key or the abort appears: no polling.
+            self._ctl.wait([PUBLISHED + missing[0], ABORT], left, all_keys=False)
+
+    def published(self, prefix: str) -> dict[str, str]:
+        items = self._ctl.prefix(PUBLISHED + prefix)
+        return {k.removeprefix(PUBLISHED): v for k, v in items.items()}
 
     def start_watch(self, notify: Callable[[], None]) -> None:
         thread = threading.Thread(

@@ -6,21 +6,33 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from smdist import config as cfg
 from smdist.agent import backends, sm_env, topology
 from smdist.agent import entry as entries
 from smdist.agent.backends.base import Launch
-from smdist.agent.rendezvous import Inventory, JobEvent, JobPlan, RendezvousSettings, rendezvous
+from smdist.agent.rendezvous import (
+    Coordinator,
+    Inventory,
+    JobEvent,
+    JobPlan,
+    RendezvousSettings,
+    rendezvous,
+)
 from smdist.agent.report import failure
 from smdist.agent.supervisor import Outcome, Supervisor
 from smdist.errors import JobAborted, SmdistError
 from smdist.log import log, setup
+
+if TYPE_CHECKING:
+    from smdist.agent.code import Install
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,8 @@ class AgentOptions:
     grace_s: float = 90.0
     abort_grace_s: float = 5.0
     hyperparameter_args: bool = True
+    install_timeout_s: float = 1800.0
+    """How long pip may take to install the code dir's requirements (or package)."""
 
 
 def run(opts: AgentOptions) -> int:
@@ -118,7 +132,12 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     res = config.resource
     if not res.from_file:
         log.info("no %s: running as one host, algo-1", config.paths.resource_config_file)
+    if config.hyperparameters.get("sagemaker_submit_directory"):
+        from smdist.agent import code
+
+        code.fetch(config.paths, config.hyperparameters)
     entry = entries.resolve(opts.entry, opts.entry_base_dir)
+    install = _dependencies(config, entry)
     _preflight(config, entry)
     if opts.hyperparameter_args:
         entry = entry.with_args(sm_env.hyperparameter_args(config.user_hyperparameters))
@@ -131,6 +150,11 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
         res.current_host, res.hosts, nproc, addresses, opts.rdzv, check_outputs=_check_model_dirs
     )
     _log_plan(opts, backend.name, plan, entry.target)
+    try:
+        _prepare_hosts(opts, config, plan, coordinator, install)
+    except BaseException:
+        coordinator.close()
+        raise
     for d in (config.paths.model_dir, config.paths.output_data_dir):
         d.mkdir(parents=True, exist_ok=True)
     env_sm = sm_env.sm_environment(
@@ -161,6 +185,57 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
         return _report(config, outcome, started, memory_at_start, others)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _code_dir(config: cfg.JobConfig, entry: entries.Entry) -> Path | None:
+    """Where requirements.txt is looked for: /opt/ml/code when the entry lives there (or is
+    a module), else the entry script's own directory."""
+    code_dir = config.paths.code_dir
+    if entry.kind == "module":
+        return code_dir if code_dir.is_dir() else None
+    target = Path(entry.target)
+    if target.is_relative_to(code_dir.resolve()):
+        return code_dir
+    return target.parent if entry.kind == "script" else None
+
+
+def _dependencies(config: cfg.JobConfig, entry: entries.Entry) -> Install | None:
+    code_dir = _code_dir(config, entry)
+    if code_dir is None:
+        return None
+    from smdist.agent import code
+
+    return code.plan_install(code_dir, packages=code_dir == config.paths.code_dir)
+
+
+def _prepare_hosts(
+    opts: AgentOptions,
+    config: cfg.JobConfig,
+    plan: JobPlan,
+    coordinator: Coordinator,
+    install: Install | None,
+) -> None:
+    """Dependencies installed on every host before any worker starts anywhere."""
+    hosts = plan.layout.hosts
+    if install is None and len(hosts) == 1:
+        return
+    from smdist.agent import code
+
+    run_install = None
+    if install is not None:
+        to_install = install
+
+        def run_install() -> None:
+            code.run_install(to_install, sys.executable, opts.install_timeout_s)
+
+    code.prepare_hosts(
+        coordinator,
+        config.resource.current_host,
+        hosts,
+        run_install,
+        f"installing {install.what}" if install else "",
+        opts.install_timeout_s + opts.rdzv.timeout_s,
+    )
 
 
 def _entry_point_name(config: cfg.JobConfig, entry: entries.Entry) -> str:

@@ -43,6 +43,8 @@ class Category:
     RENDEZVOUS_FAILED = "RendezvousFailed"
     CONFIG_ERROR = "ConfigError"
     ENTRY_POINT_NOT_FOUND = "EntryPointNotFound"
+    CODE_DOWNLOAD_FAILED = "CodeDownloadFailed"
+    DEPENDENCY_INSTALL_FAILED = "DependencyInstallFailed"
 
 
 @dataclass(frozen=True)
@@ -530,10 +532,18 @@ def _classify_import(rec: Mapping[str, Any], where: tuple[str, ...], at: str) ->
         top = str(name).split(".")[0]
         pip = _PIP_NAMES.get(str(name), _PIP_NAMES.get(top, top))
         reason = f"module '{name}' is not installed, imported{at or ''}"
-        hint = (
-            f"Add {pip} to requirements.txt next to the entry script, or install it in the "
-            "training image."
-        )
+        listed = _listed_in_requirements(rec, {str(pip), top})
+        if listed is not None:
+            hint = (
+                f"{listed} lists {pip} and was installed before the job started, but the "
+                f"install did not provide module '{top}': check the package name (the project "
+                "name can differ from the module's) and pip's output in the log."
+            )
+        else:
+            hint = (
+                f"Add {pip} to requirements.txt next to the entry script, or install it in "
+                "the training image."
+            )
     else:
         reason = f"{message}{at}"
         hint = (
@@ -541,6 +551,19 @@ def _classify_import(rec: Mapping[str, Any], where: tuple[str, ...], at: str) ->
             "compatible versions in requirements.txt or the image."
         )
     return Classification(Category.MISSING_DEPENDENCY, reason, where=where, hint=hint)
+
+
+def _listed_in_requirements(rec: Mapping[str, Any], names: set[str]) -> str | None:
+    """The requirements.txt next to the entry script (the first user frame), if it lists
+    one of ``names`` (normalised project names)."""
+    from smdist.agent.code import REQUIREMENTS, requirement_names
+
+    frames = [f for f in rec.get("frames") or () if isinstance(f, Mapping) and f.get("user")]
+    if not frames or not frames[0].get("file"):
+        return None
+    path = Path(str(frames[0]["file"])).parent / REQUIREMENTS
+    wanted = {re.sub(r"[-_.]+", "-", n).lower() for n in names}
+    return path.name if wanted & requirement_names(path) else None
 
 
 def _shm_size() -> str:
