@@ -112,6 +112,13 @@ def _parser(prog: str, with_entry: bool) -> argparse.ArgumentParser:
         help="after a failure, before SIGKILL",
     )
     p.add_argument(
+        "--install-timeout",
+        type=_seconds,
+        default=1800.0,
+        metavar="S",
+        help="how long pip may take to install the code dir's requirements",
+    )
+    p.add_argument(
         "--no-hyperparameter-args",
         action="store_true",
         help="don't pass hyperparameters as --name value",
@@ -160,6 +167,7 @@ def _options(ns: argparse.Namespace, entry: list[str], base_dir: Path | None):  
         grace_s=ns.grace,
         abort_grace_s=ns.abort_grace,
         hyperparameter_args=not ns.no_hyperparameter_args,
+        install_timeout_s=ns.install_timeout,
     )
 
 
@@ -208,6 +216,7 @@ def _agent_flags(ns: argparse.Namespace) -> list[str]:
         "--heartbeat-timeout", str(ns.heartbeat_timeout),
         "--grace", str(ns.grace),
         "--abort-grace", str(ns.abort_grace),
+        "--install-timeout", str(ns.install_timeout),
     ]  # fmt: skip
     if ns.backend:
         flags += ["--backend", ns.backend]
