@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit compose bench clean
+.PHONY: demo test lint typecheck unit compose sdk bench clean
 
 $(STAMP): pyproject.toml launchers/install-mpi.sh
 	sh launchers/install-mpi.sh  # Open MPI + OpenSSH from Debian (mpi4py builds against them)
@@ -31,10 +31,15 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q -m 'not compose' tests
 
-compose: $(STAMP)
+# The SageMaker SDK (v2, for its local mode) in a venv of its own: its ~65 dependencies
+# never touch .venv. A no-op once installed; the compose tier's local-mode tests use it.
+sdk: $(STAMP)
+	$(BIN)/python -m compose.sdk install
+
+compose: $(STAMP) sdk
 	$(BIN)/pytest -q -m compose tests
 
-test: lint typecheck $(STAMP)
+test: lint typecheck $(STAMP) sdk
 	$(BIN)/pytest -q tests
 
 bench: $(STAMP)
@@ -42,4 +47,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) .smdist-work .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-sdk .smdist-work .mypy_cache .ruff_cache .pytest_cache

@@ -197,6 +197,10 @@ class Engine:
     @property
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
+        # Debian's docker-compose v1 is a Python program whose package is `compose`: a
+        # PYTHONPATH holding this checkout (whose compose/ is the harness) shadows it
+        # ("No module named 'compose.cli'").
+        env.pop("PYTHONPATH", None)
         env["DOCKER_HOST"] = self.host
         env["COMPOSE_INTERACTIVE_NO_CLI"] = "1"
         return env
