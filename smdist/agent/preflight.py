@@ -13,7 +13,9 @@ import importlib.machinery
 import importlib.util
 import os
 import re
+import secrets
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -391,8 +393,12 @@ def check_imports(script: Path, local_root: Path | None = None) -> Check:
 
 
 def check_writable(directory: Path, name: str) -> Check:
-    """Create the directory if needed and write a probe file: the only honest test as root."""
-    probe = directory / f".smdist-probe-{os.getpid()}"
+    """Create the directory if needed and write a probe file: the only honest test as root.
+
+    The probe's name cannot collide: a directory shared between containers (local mode's
+    one model dir, EFS, FSx) has several agents that are all PID 1 probing it at once.
+    """
+    probe = directory / f".smdist-probe-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(8)}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
