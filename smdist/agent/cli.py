@@ -10,6 +10,7 @@ from pathlib import Path
 
 from smdist import __version__
 from smdist import config as cfg
+from smdist.agent import stages
 from smdist.agent.rendezvous import RendezvousSettings
 from smdist.errors import ConfigError, EntryPointNotFound, SmdistError
 from smdist.log import log, setup
@@ -198,6 +199,21 @@ def _check(ns: argparse.Namespace, entry: list[str], base_dir: Path | None) -> i
 
 
 def _launch(ns: argparse.Namespace, entry: list[str], base_dir: Path | None) -> int:
+    try:
+        code = _dispatch(ns, entry, base_dir)
+    except stages.StopRequested as stop:  # --check, --simulate (the agent reports its own)
+        log.error("%s: stopping", stop.describe("-"))
+        code = stop.exit_code
+    if stages.stop_received() is not None:
+        # Stopped before the workers ran, report written: leave now. The interpreter's exit
+        # would wait for an abandoned DNS lookup thread (up to its attempt timeout).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _dispatch(ns: argparse.Namespace, entry: list[str], base_dir: Path | None) -> int:
     if ns.check:
         return _check(ns, entry, base_dir)
     if ns.simulate:
@@ -227,6 +243,7 @@ def _agent_flags(ns: argparse.Namespace) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``smdist-run [OPTIONS] SCRIPT.py|-m MODULE|PROGRAM [ARGS...]``."""
+    stages.install()  # first: as PID 1, a signal without a handler is dropped
     args = list(sys.argv[1:] if argv is None else argv)
     ns = _parser("smdist-run", with_entry=True).parse_args(args)
     entry: list[str] = list(ns.entry)
@@ -268,6 +285,7 @@ def _entry_from_job(paths: cfg.Paths) -> str:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``train``: what SageMaker runs. The entry comes from the job, relative to /opt/ml/code."""
+    stages.install()  # first: as PID 1, a signal without a handler is dropped
     args = list(sys.argv[1:] if argv is None else argv)
     ns = _parser("train", with_entry=False).parse_args(args)
     paths = cfg.resolve_root(ns.opt_ml)

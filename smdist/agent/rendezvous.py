@@ -9,6 +9,7 @@ heartbeats, and the exit barrier.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -18,9 +19,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from smdist.agent.report.failure import WorkerFailure
+from smdist.agent.stages import Stopped, StopRequested
 from smdist.agent.store import StoreClient, StoreServer, StoreUnavailable
 from smdist.agent.topology import Layout, build_layout, master_host, sorted_hosts
-from smdist.errors import RendezvousFailed, SmdistError
+from smdist.errors import JobAborted, RendezvousFailed, SmdistError
 from smdist.log import log
 
 ABORT = "abort"
@@ -28,6 +30,9 @@ ALL_DONE = "alldone"
 FINISHED_ALL = "finishedall"
 INVENTORY = "inventory/"
 PUBLISHED = "pub/"  # keys of Coordinator.publish, apart from the coordinator's own
+STOP_NOTICE_S = 1.0
+"""How long a host stopped at the rendezvous spends telling the others (bounded: a stop
+must end the agent within a second or two)."""
 
 Inventory = Mapping[str, tuple[int, str]]
 """A host's model dir: relative path -> (size, sha256)."""
@@ -108,6 +113,11 @@ class Coordinator(Protocol):
         """Leave the job, handing over this host's failures; the master gets every other
         host's back, so its report covers every rank."""
 
+    def stop_before_workers(self, event: JobEvent) -> None:
+        """A stop reached this host after the rendezvous but before its workers ran (a
+        request may have been cut in half): publish it job-wide, on a fresh connection,
+        and leave."""
+
 
 class LocalCoordinator:
     """One host: events stay in this process."""
@@ -151,6 +161,9 @@ class LocalCoordinator:
     def close(self, failures: Sequence[WorkerFailure] = ()) -> dict[str, list[WorkerFailure]]:
         return {}
 
+    def stop_before_workers(self, event: JobEvent) -> None:
+        self.report(event)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -172,32 +185,91 @@ def check_port_free(port: int, what: str, host: str) -> None:
 def _wait_logged(
     client: StoreClient, keys: Sequence[str], timeout_s: float, what: str, where: str
 ) -> None:
-    """Wait for ``keys`` with a progress line every 10 s and a deadline."""
+    """Wait for ``keys`` with a progress line every 10 s and a deadline.
+
+    Each key's arrival wakes the wait, and so does the job's ``abort`` (another host was
+    stopped, or failed, before the workers ran): then this host leaves the rendezvous too.
+    """
     start = time.monotonic()
+    next_note = start + 10.0
     while True:
-        left = timeout_s - (time.monotonic() - start)
+        have = client.prefix("")
+        if ABORT in have:
+            event = JobEvent.from_json(have[ABORT])
+            raise JobAborted(event.headline, event.exit_code or 1)
+        missing = [k for k in keys if k not in have]
+        if not missing:
+            return
+        now = time.monotonic()
+        left = timeout_s - (now - start)
         if left <= 0:
-            have = client.prefix("host/")
-            missing = [k.split("/", 1)[1] for k in keys if k not in have] or list(keys)
             raise RendezvousFailed(
                 f"{what} did not arrive at the rendezvous on {where} within {timeout_s:.0f} s: "
-                f"missing {', '.join(missing)}"
+                f"missing {', '.join(m.removeprefix('host/') for m in missing)}"
             )
-        if client.wait(keys, min(10.0, left)):
-            return
-        have = client.prefix("")
-        missing = [k for k in keys if k not in have]
-        log.info(
-            "waiting for %s at the rendezvous on %s: %d/%d present, missing %s (%.0f s of %.0f s)",
-            what,
-            where,
-            len(keys) - len(missing),
-            len(keys),
-            ", ".join(m.removeprefix("host/") for m in missing[:8])
-            + (" ..." if len(missing) > 8 else ""),
-            time.monotonic() - start,
-            timeout_s,
-        )
+        if now >= next_note:
+            log.info(
+                "waiting for %s at the rendezvous on %s: %d/%d present, missing %s "
+                "(%.0f s of %.0f s)",
+                what,
+                where,
+                len(keys) - len(missing),
+                len(keys),
+                ", ".join(m.removeprefix("host/") for m in missing[:8])
+                + (" ..." if len(missing) > 8 else ""),
+                now - start,
+                timeout_s,
+            )
+            next_note = now + 10.0
+        client.wait([*missing, ABORT], min(next_note - now, left), all_keys=False)
+
+
+def stop_event(stop: StopRequested, host: str) -> JobEvent:
+    """The job-wide event of a stop that reached ``host`` before its workers ran."""
+    return JobEvent(
+        kind="stop",
+        host=host,
+        headline=f"{Stopped.category}: {stop.describe(host)}",
+        exit_code=stop.exit_code,
+        time=time.time(),
+    )
+
+
+def _announce_stop(
+    stop: StopRequested,
+    current_host: str,
+    address: str,
+    settings: RendezvousSettings,
+    master: str,
+    hosts: Sequence[str],
+) -> None:
+    """Tell the hosts at the rendezvous that this one was stopped (a job-wide stop).
+
+    A fresh connection: the stop may have cut a request on the old one in half. The master
+    keeps its store up a moment (bounded) so the hosts that joined read why it ends."""
+    try:
+        client = StoreClient(address, settings.port, STOP_NOTICE_S, master)
+    except RendezvousFailed:
+        return  # the store is not up (yet, or any more): nobody to tell
+    try:
+        client.compare_set(ABORT, None, stop_event(stop, current_host).to_json())
+        _leave_early(client, current_host, master, hosts)
+    except StoreUnavailable:
+        pass
+    finally:
+        client.close()
+
+
+def _leave_early(client: StoreClient, current_host: str, master: str, hosts: Sequence[str]) -> None:
+    """Leave a rendezvous the job's ``abort`` ends: the master waits (bounded) for the hosts
+    that joined to read why before its store goes; the others say they left."""
+    if current_host == master:
+        joined = client.prefix("host/")
+        keys = [f"left/{h}" for h in hosts if h != master and f"host/{h}" in joined]
+        if keys:
+            client.wait(keys, STOP_NOTICE_S)
+    else:
+        client.set(f"left/{current_host}", "1")
 
 
 def rendezvous(
@@ -224,6 +296,7 @@ def rendezvous(
     master_addr = addresses[master]
     where = f"{master} ({master_addr}:{settings.port})"
     server: StoreServer | None = None
+    ctl: StoreClient | None = None
     if current_host == master:
         server = StoreServer(settings.port, current_host, on_disconnect=_host_gone)
         connect_to = "127.0.0.1"
@@ -233,6 +306,11 @@ def rendezvous(
         ctl = StoreClient(connect_to, settings.port, settings.timeout_s, master)
         ctl.set(f"host/{current_host}", json.dumps({"nproc": nproc, "hosts": list(ordered)}))
         host_keys = [f"host/{h}" for h in ordered]
+        log.info(
+            "joined the rendezvous on %s; waiting for %s",
+            where,
+            "every host" if server is not None else "the plan",
+        )
         if server is not None:
             _wait_logged(ctl, host_keys, settings.timeout_s, "hosts", where)
             joined = ctl.prefix("host/")
@@ -258,6 +336,22 @@ def rendezvous(
         watch = StoreClient(
             connect_to, settings.port, settings.timeout_s, master, identity=current_host
         )
+    except StopRequested as stop:
+        if ctl is not None or server is not None:  # the store is up: the others learn of it
+            if ctl is not None:
+                ctl.close()
+            _announce_stop(stop, current_host, connect_to, settings, master, ordered)
+        if server is not None:
+            server.close()
+        raise
+    except JobAborted:
+        if ctl is not None:
+            with contextlib.suppress(StoreUnavailable):
+                _leave_early(ctl, current_host, master, ordered)
+            ctl.close()
+        if server is not None:
+            server.close()
+        raise
     except BaseException:
         if server is not None:
             server.close()
@@ -504,3 +598,14 @@ class StoreCoordinator:
             if self._server is not None:
                 self._server.close()
         return reports
+
+    def stop_before_workers(self, event: JobEvent) -> None:
+        old = self._ctl
+        old.close()
+        try:
+            self._ctl = StoreClient(old.address, old.port, STOP_NOTICE_S, self.layout.master)
+        except RendezvousFailed:
+            self._set_event(event)  # the master's store is gone: nobody left to tell
+        else:
+            self.report(event)
+        self.close()

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smdist import config as cfg
-from smdist.agent import backends, sm_env, topology
+from smdist.agent import backends, sm_env, stages, topology
 from smdist.agent import entry as entries
-from smdist.agent.backends.base import Launch
+from smdist.agent.backends.base import Backend, Launch
 from smdist.agent.rendezvous import (
     Coordinator,
     Inventory,
@@ -25,6 +25,7 @@ from smdist.agent.rendezvous import (
     JobPlan,
     RendezvousSettings,
     rendezvous,
+    stop_event,
 )
 from smdist.agent.report import failure
 from smdist.agent.supervisor import Outcome, Supervisor
@@ -58,11 +59,13 @@ class AgentOptions:
 
 def run(opts: AgentOptions) -> int:
     """Run this host's part of the job; return the exit code for the container."""
+    stages.install()  # cli.main did already; a caller that did not gets it here
     paths = cfg.resolve_root(opts.opt_ml)
     setup("-")
     started = time.monotonic()
     host = "-"
     try:
+        stages.enter("reading the job's config")
         # A failure file present at the end must be the user's own (smdist.fail).
         failure.clear_failure_files(paths)
         config = cfg.load(paths)
@@ -75,6 +78,8 @@ def run(opts: AgentOptions) -> int:
             exc.where = ""  # the config itself is what failed: no host to name
         diagnosis = failure.report(paths, [], current_host=host, smdist_error=exc)
         return diagnosis.exit_code
+    except stages.StopRequested as stop:
+        return _stopped(paths, host, stop)
     except KeyboardInterrupt:
         log.error("interrupted before the workers started")
         return 130
@@ -82,6 +87,15 @@ def run(opts: AgentOptions) -> int:
         log.exception("smdist internal error")
         failure.write_failure_file(paths, f"InternalError: {type(exc).__name__}: {exc}\n")
         return 1
+
+
+def _stopped(paths: cfg.Paths, host: str, stop: stages.StopRequested) -> int:
+    """A stop before the workers ran: say at which stage, in the log and the failure file."""
+    stages.enter("the report", interruptible=False)
+    log.error("%s: stopping", stop.describe(host))
+    error = stages.Stopped(stop.describe(host), stop.exit_code)
+    failure.report(paths, [], current_host=host, smdist_error=error)
+    return stop.exit_code
 
 
 def _resolve_addresses(opts: AgentOptions, config: cfg.JobConfig) -> dict[str, str]:
@@ -133,9 +147,11 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     if not res.from_file:
         log.info("no %s: running as one host, algo-1", config.paths.resource_config_file)
     if config.hyperparameters.get("sagemaker_submit_directory"):
+        stages.enter("the code fetch")
         from smdist.agent import code
 
         code.fetch(config.paths, config.hyperparameters)
+    stages.enter("the preflight checks")
     entry = entries.resolve(opts.entry, opts.entry_base_dir)
     install = _dependencies(config, entry)
     _preflight(config, entry)
@@ -145,16 +161,41 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     gpus = topology.visible_gpus()
     nproc, source = backend.processes_per_host(opts.nproc_per_host, gpus)
     log.info("processes per host: %d (%s)", nproc, source)
+    stages.enter("the DNS wait")
     addresses = _resolve_addresses(opts, config)
+    stages.enter("the rendezvous wait")
     plan, coordinator = rendezvous(
         res.current_host, res.hosts, nproc, addresses, opts.rdzv, check_outputs=_check_model_dirs
     )
     _log_plan(opts, backend.name, plan, entry.target)
     try:
-        _prepare_hosts(opts, config, plan, coordinator, install)
-    except BaseException:
-        coordinator.close()
+        stages.enter("the dependency install")
+        try:
+            _prepare_hosts(opts, config, plan, coordinator, install)
+        except stages.StopRequested:
+            raise
+        except BaseException:
+            coordinator.close()
+            raise
+        stages.enter("starting the workers")
+        return _launch(opts, config, backend, plan, coordinator, entry, gpus, started)
+    except stages.StopRequested as stop:
+        coordinator.stop_before_workers(stop_event(stop, res.current_host))
         raise
+
+
+def _launch(
+    opts: AgentOptions,
+    config: cfg.JobConfig,
+    backend: Backend,
+    plan: JobPlan,
+    coordinator: Coordinator,
+    entry: entries.Entry,
+    gpus: int,
+    started: float,
+) -> int:
+    """After the rendezvous: start this host's workers, supervise them, report."""
+    res = config.resource
     for d in (config.paths.model_dir, config.paths.output_data_dir):
         d.mkdir(parents=True, exist_ok=True)
     env_sm = sm_env.sm_environment(
@@ -178,9 +219,13 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
             identify=backend.identify,
         )
         outcome: Outcome | None = None
+        # The supervisor owns the signals while the workers run (it takes over a stop that
+        # arrives before its handlers are in); after it, a stop lets the report finish.
+        stages.enter("the workers' run", interruptible=False)
         try:
             outcome = supervisor.run()
         finally:
+            stages.enter("the report", interruptible=False)
             others = coordinator.close(outcome.failures if outcome else ())
         return _report(config, outcome, started, memory_at_start, others)
     finally:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from smdist.agent import stages
 from smdist.agent.rendezvous import Coordinator, JobEvent
 from smdist.agent.report.failure import WorkerFailure, looks_like_peer_error
 from smdist.agent.report.failure import headline as failure_headline
@@ -276,11 +277,12 @@ class Supervisor:
     def run(self) -> Outcome:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         old_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        self._signals += stages.take_pending()  # a stop just before these handlers were in
         try:
             self.start()
             self.coordinator.start_watch(self._wake)
-            if not self.workers:
-                self._wake()  # nothing of its own to wait for: straight to the barrier
+            if not self.workers or self._signals:
+                self._wake()  # none to wait for (straight to the barrier), or a stop to act on
             while True:
                 self._sleep()
                 outcome = self._step()
