@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from smdist import contract
 from smdist.errors import ConfigError
 
 DEFAULT_ROOT = "/opt/ml"
-ROOT_ENV = "SMDIST_OPT_ML"
+ROOT_ENV = contract.OPT_ML_ENV
 TRAINING_INPUT_MODES = ("File", "Pipe", "FastFile")
-FRAMEWORK_PREFIX = "sagemaker_"
 
 
 @dataclass(frozen=True)
@@ -116,12 +116,15 @@ class JobConfig:
 
     @property
     def user_hyperparameters(self) -> dict[str, Any]:
-        """The hyperparameters meant for the user's script (no ``sagemaker_*`` keys)."""
-        return {k: v for k, v in self.hyperparameters.items() if not k.startswith(FRAMEWORK_PREFIX)}
+        """The hyperparameters meant for the user's script (no SageMaker keys)."""
+        hps = self.hyperparameters
+        return {k: v for k, v in hps.items() if not contract.is_framework_hyperparameter(k)}
 
     @property
     def framework_parameters(self) -> dict[str, Any]:
-        return {k: v for k, v in self.hyperparameters.items() if k.startswith(FRAMEWORK_PREFIX)}
+        """SageMaker's keys (``sagemaker_*`` and the toolkit's own few)."""
+        hps = self.hyperparameters
+        return {k: v for k, v in hps.items() if contract.is_framework_hyperparameter(k)}
 
 
 def decode_hyperparameter(value: Any) -> Any:

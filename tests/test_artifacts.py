@@ -15,10 +15,7 @@ from pathlib import Path
 import pytest
 
 import smdist
-from smdist.worker import artifacts
-from smdist.worker.artifacts import (
-    ArtifactError,
-    Artifacts,
+from smdist.agent.model_dir import (
     ModelDirClash,
     check_clashes,
     decode_inventory,
@@ -27,6 +24,8 @@ from smdist.worker.artifacts import (
     inventory,
     remove_temp_files,
 )
+from smdist.worker import artifacts
+from smdist.worker.artifacts import ArtifactError, Artifacts
 
 REPO = Path(smdist.__file__).resolve().parents[1]
 IDENTITY_VARS = {

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from smdist import config as smconfig
-from smdist.agent.sm_env import TOOLKIT_HYPERPARAMETERS, hyperparameter_args, sm_environment
+from smdist.agent.sm_env import hyperparameter_args, sm_environment
+from smdist.contract import FRAMEWORK_HYPERPARAMETERS
 from smdist.errors import ConfigError
 
 TOOLKIT_SCRIPT = r"""
@@ -371,7 +372,7 @@ def test_what_a_script_reads_on_the_second_host(runs: dict[str, Run]) -> None:
 def test_toolkit_framework_keys_are_the_ones_smdist_knows() -> None:
     from sagemaker_training import params  # test-only dependency; no base dir needed
 
-    assert set(TOOLKIT_HYPERPARAMETERS) == set(params.SAGEMAKER_HYPERPARAMETERS)
+    assert set(FRAMEWORK_HYPERPARAMETERS) == set(params.SAGEMAKER_HYPERPARAMETERS)
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from smdist import contract
 from smdist.config import Paths
 from smdist.errors import (
     CodeDownloadFailed,
@@ -401,8 +402,6 @@ def run_install(
     log.info("installing %s: %s (in %s)", install.what, " ".join(shown), install.code_dir)
     started = time.monotonic()
     tail: collections.deque[str] = collections.deque(maxlen=_PIP_TAIL_LINES)
-    from smdist.agent.supervisor import die_with_parent
-
     me = os.getpid()
     with _interpreter_lock(python):
         proc = subprocess.Popen(
@@ -412,7 +411,7 @@ def run_install(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            preexec_fn=lambda: die_with_parent(me),
+            preexec_fn=contract.exec_dying_with(me),
         )
         timer = threading.Timer(timeout_s, proc.kill)
         timer.start()

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Literal
 
 from smdist import config as config_mod
-from smdist.agent.report.failure import Category, format_bytes
+from smdist.agent.report.failure import format_bytes
 from smdist.config import JobConfig, Paths
+from smdist.contract import Category
 from smdist.errors import ConfigError, SmdistError
 
 Status = Literal["ok", "warn", "fail"]

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from smdist.agent.model_dir import decode_inventory, encode_inventory
 from smdist.agent.report.failure import WorkerFailure
 from smdist.agent.stages import Stopped, StopRequested
 from smdist.agent.store import StoreClient, StoreServer, StoreUnavailable
@@ -364,14 +365,6 @@ def rendezvous(
     return plan_, coordinator
 
 
-def _decode_inventory(text: str, host: str) -> dict[str, tuple[int, str]]:
-    try:
-        raw = json.loads(text)
-        return {str(k): (int(v[0]), str(v[1])) for k, v in raw.items()}
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-        raise SmdistError(f"model dir inventory from host {host}: malformed ({exc})") from None
-
-
 def _host_gone(server: StoreServer, host: str) -> None:
     """The master's store saw ``host``'s agent drop its connection without leaving: the
     container was killed or the agent died. Declared at once, as the job's abort (unless
@@ -443,7 +436,7 @@ class StoreCoordinator:
 
     def finished(self, inventory: Inventory | None = None) -> None:
         try:
-            self._ctl.set(INVENTORY + self.host, json.dumps(inventory or {}))
+            self._ctl.set(INVENTORY + self.host, encode_inventory(inventory or {}).decode())
             if self._ctl.add("finished", 1) == len(self.layout.slots):
                 self._ctl.set(FINISHED_ALL, "1")
         except StoreUnavailable as exc:
@@ -454,7 +447,8 @@ class StoreCoordinator:
         items = self._watch.prefix(INVENTORY)
         try:
             inventories = {
-                (h := k.removeprefix(INVENTORY)): _decode_inventory(v, h) for k, v in items.items()
+                (h := k.removeprefix(INVENTORY)): decode_inventory(v.encode(), h)
+                for k, v in items.items()
             }
             event = self._check_outputs(inventories) if self._check_outputs else None
         except SmdistError as exc:

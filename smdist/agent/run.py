@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smdist import config as cfg
-from smdist.agent import backends, sm_env, stages, topology
+from smdist.agent import backends, model_dir, sm_env, stages, topology
 from smdist.agent import entry as entries
 from smdist.agent.backends.base import Backend, Launch
 from smdist.agent.rendezvous import (
@@ -299,23 +299,19 @@ def _entry_point_name(config: cfg.JobConfig, entry: entries.Entry) -> str:
 
 def _model_dir_inventory(config: cfg.JobConfig) -> Inventory:
     """This host's /opt/ml/model as the master's clash check reads it (workers are done)."""
-    from smdist.worker import artifacts
-
     for d in (config.paths.model_dir, config.paths.checkpoints_dir):
-        for path in artifacts.remove_temp_files(d):
+        for path in model_dir.remove_temp_files(d):
             log.info("removed %s, left by a write that never finished", path)
     if len(config.resource.hosts) == 1:
         return {}  # nothing to clash with: don't hash the model dir for nobody
-    return artifacts.inventory(config.paths.model_dir)
+    return model_dir.inventory(config.paths.model_dir)
 
 
 def _check_model_dirs(inventories: Mapping[str, Inventory]) -> JobEvent | None:
     """Master, at the exit barrier: two hosts must not write the same path in the model dir
     (SageMaker's model.tar.gz would keep only one of them, silently). A failing clash raises
     ``ModelDirClash``, which the coordinator makes the job's event."""
-    from smdist.worker import artifacts
-
-    warnings = artifacts.check_clashes(inventories)
+    warnings = model_dir.check_clashes(inventories)
     for clash in warnings:
         log.warning(
             "model dir: %s is on hosts %s with the same content; model.tar.gz keeps one copy",

@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from smdist import contract
 from smdist.agent.rendezvous import free_port
-from smdist.agent.supervisor import die_with_parent
 from smdist.config import Paths
 from smdist.errors import ConfigError
 from smdist.log import log, setup
@@ -89,7 +89,7 @@ def run(
             "--host-addresses", addresses,
             *agent_flags, "--", *entry,
         ]  # fmt: skip
-        agents.append(subprocess.Popen(argv, preexec_fn=lambda: die_with_parent(me)))
+        agents.append(subprocess.Popen(argv, preexec_fn=contract.exec_dying_with(me)))
 
     def forward(signum: int, _frame: object) -> None:
         for a in agents:
@@ -104,7 +104,7 @@ def run(
     finally:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
-    codes = [128 - c if c < 0 else c for c in codes]
+    codes = [contract.exit_code(c) for c in codes]
     for host, tree, code in zip(hosts, trees, codes, strict=True):
         files = sorted(
             str(p.relative_to(tree.model_dir)) for p in tree.model_dir.rglob("*") if p.is_file()

@@ -22,21 +22,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from smdist.config import JobConfig
+from smdist.contract import FRAMEWORK_HYPERPARAMETERS, is_framework_hyperparameter
 from smdist.errors import ConfigError
 
-SAGEMAKER_PREFIX = "sagemaker_"
-# params.SAGEMAKER_HYPERPARAMETERS: SageMaker's own keys, two of them without the prefix.
-TOOLKIT_HYPERPARAMETERS = (
-    "sagemaker_program",
-    "sagemaker_submit_directory",
-    "sagemaker_enable_cloudwatch_metrics",
-    "sagemaker_region",
-    "sagemaker_container_log_level",
-    "sagemaker_job_name",
-    "default_user_module_name",
-    "_tuning_objective_metric",
-    "sagemaker_s3_output",
-)
 # Any of these framework flags puts the current instance group in the distribution.
 _DISTRIBUTION_FLAGS = (
     "sagemaker_mpi_enabled",
@@ -50,11 +38,6 @@ _DISTRIBUTION_FLAGS = (
 _DEFAULT_LOG_LEVEL = 20  # logging.INFO, without importing logging's config machinery
 _DEFAULT_INSTANCE_GROUP = "homogeneousCluster"
 _NEURON_LS_TIMEOUT_S = 30.0
-
-
-def is_toolkit_key(name: str) -> bool:
-    """Whether the toolkit treats a hyperparameter as SageMaker's rather than the script's."""
-    return name in TOOLKIT_HYPERPARAMETERS or name.startswith(SAGEMAKER_PREFIX)
 
 
 def _text(value: Any) -> str:
@@ -90,7 +73,7 @@ def hyperparameter_args(user_hyperparameters: Mapping[str, Any]) -> list[str]:
     ``default_user_module_name``) are left out, so passing every hyperparameter is safe.
     """
     args: list[str] = []
-    for name in sorted(k for k in user_hyperparameters if not is_toolkit_key(k)):
+    for name in sorted(k for k in user_hyperparameters if not is_framework_hyperparameter(k)):
         value = _arg_value(user_hyperparameters[name])
         if "\0" in name or "\0" in value:
             # execve cannot carry a NUL; the toolkit would crash on it at spawn.
@@ -173,9 +156,10 @@ def training_env(
     input_dir = os.path.join(root, "input")
     output_dir = os.path.join(root, "output")
     hps = config.hyperparameters
-    user_hps = {k: v for k, v in hps.items() if not is_toolkit_key(k)}
+    user_hps = config.user_hyperparameters
+    # The toolkit's "additional" ones: SageMaker's keys less its own few.
     framework_params = {
-        k: v for k, v in hps.items() if is_toolkit_key(k) and k not in TOOLKIT_HYPERPARAMETERS
+        k: v for k, v in config.framework_parameters.items() if k not in FRAMEWORK_HYPERPARAMETERS
     }
 
     hosts = list(config.resource.hosts)

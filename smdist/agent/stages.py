@@ -23,6 +23,7 @@ import threading
 from dataclasses import dataclass, field
 from types import FrameType
 
+from smdist import contract
 from smdist.errors import SmdistError
 from smdist.log import log
 
@@ -44,7 +45,7 @@ class StopRequested(BaseException):
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signum
+        return contract.signal_exit_code(self.signum)
 
     def describe(self, host: str) -> str:
         """``SIGTERM received on algo-1 during the DNS wait, before the workers started``."""

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import enum
-import json
 import os
 import select
 import signal
@@ -24,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from smdist import contract
 from smdist.agent import stages
 from smdist.agent.rendezvous import Coordinator, JobEvent
 from smdist.agent.report.failure import WorkerFailure, looks_like_peer_error
 from smdist.agent.report.failure import headline as failure_headline
+from smdist.contract import STACK_DUMP_SIGNAL
 from smdist.log import log
-from smdist.worker.bootstrap import STACK_DUMP_SIGNAL
 
-PR_SET_PDEATHSIG = 1
 TAIL_LINES = 50
 MAX_LINE = 1 << 20  # a line longer than this is relayed in pieces rather than held
 STACK_DUMP_WAIT_S = 0.2
@@ -39,8 +37,6 @@ BARRIER_LOG_EVERY_S = 60.0
 PEER_ERROR_GRACE_S = 2.0
 """How long a worker's broken-collective error waits for the root cause from elsewhere."""
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_prctl = _libc.prctl
 _output_lock = threading.Lock()
 
 
@@ -121,13 +117,6 @@ def _relay(
             last = block[:-1].rsplit(b"\n", TAIL_LINES)[-TAIL_LINES:]
             tail.extend(line.decode("utf-8", "replace")[:1000] for line in last)
     src.close()
-
-
-def die_with_parent(parent: int) -> None:
-    """Runs in a child between fork and exec: die with ``parent``, even on its SIGKILL."""
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 def _signal_worker(w: Worker, sig: int) -> None:
@@ -215,7 +204,7 @@ class Supervisor:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
-                preexec_fn=lambda: die_with_parent(me),
+                preexec_fn=contract.exec_dying_with(me),
             )
             w = Worker(spec, proc)
             prefix = f"[{self.host}/{spec.rank}] ".encode() if spec.prefix else b""
@@ -233,13 +222,9 @@ class Supervisor:
 
     def _control(self, action: str, event: JobEvent) -> None:
         """Tell the workers (the decorator) why they are being signalled."""
-        body = json.dumps({"action": action, "kind": event.kind, "headline": event.headline})
         for w in self.workers:
-            path = w.spec.control_file
             with contextlib.suppress(OSError):
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text(body, encoding="utf-8")
-                os.replace(tmp, path)
+                contract.write_control(w.spec.control_file, action, event.kind, event.headline)
 
     def _live(self) -> list[Worker]:
         return [w for w in self.workers if w.returncode is None]

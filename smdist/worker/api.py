@@ -21,10 +21,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from smdist.config import decode_hyperparameter
+from smdist import contract
+from smdist.config import decode_hyperparameter, resolve_root
 
 T = TypeVar("T")
-LAUNCHED_ENV = "SMDIST_AGENT_PID"
+LAUNCHED_ENV = contract.AGENT_PID_ENV
 
 
 def launched() -> bool:
@@ -159,17 +160,6 @@ class StopRequested(BaseException):
     stopped; the decorator catches it, runs the ``on_stop`` hooks and returns normally."""
 
 
-def _control_action() -> str | None:
-    path = os.environ.get("SMDIST_CONTROL_FILE")
-    if not path:
-        return None
-    try:
-        action = json.loads(Path(path).read_text(encoding="utf-8")).get("action")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return str(action) if action else None
-
-
 class _StopWatcher:
     """Turns the agent's SIGTERM into ``ctx.should_stop``.
 
@@ -204,10 +194,11 @@ class _StopWatcher:
                 return
             if signal.SIGTERM in data:
                 self.ctx._stop.set()
-                if _control_action() == "abort":
+                action = contract.read_control(os.environ.get(contract.CONTROL_FILE_ENV))
+                if action == contract.ABORT:
                     sys.stderr.write("smdist: job aborted by the agent (a failure elsewhere)\n")
                     sys.stderr.flush()
-                    os._exit(128 + signal.SIGTERM)
+                    os._exit(contract.signal_exit_code(signal.SIGTERM))
 
     def close(self) -> None:
         signal.set_wakeup_fd(self._old_fd)
@@ -254,7 +245,7 @@ def init(*, timeout_s: float | None = None) -> Context:
             kwargs["device_id"] = device
         dist.init_process_group(backend, rank=rank, world_size=world, **kwargs)
         distributed = True
-    root = Path(os.environ.get("SMDIST_OPT_ML", "/opt/ml"))
+    root = resolve_root().root
     current = os.environ.get("SM_CURRENT_HOST", "algo-1")
     hps = _json_env("SM_HPS", {})
     return Context(
@@ -269,7 +260,7 @@ def init(*, timeout_s: float | None = None) -> Context:
         hyperparameters={k: decode_hyperparameter(v) for k, v in hps.items()},
         model_dir=Path(os.environ.get("SM_MODEL_DIR", root / "model")),
         output_data_dir=Path(os.environ.get("SM_OUTPUT_DATA_DIR", root / "output" / "data")),
-        checkpoint_dir=Path(os.environ.get("SMDIST_CHECKPOINT_DIR", root / "checkpoints")),
+        checkpoint_dir=Path(os.environ.get(contract.CHECKPOINT_DIR_ENV, root / "checkpoints")),
         _distributed=distributed,
     )
 

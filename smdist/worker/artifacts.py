@@ -1,4 +1,5 @@
-"""Rank-aware writes to /opt/ml/model and the checkpoint dir, and the model dir clash check.
+"""Rank-aware writes to /opt/ml/model and the checkpoint dir (the agent checks the model dirs
+of all hosts for clashes at the exit barrier: ``smdist.agent.model_dir``).
 
 SageMaker tars every host's /opt/ml/model into one ``model.tar.gz``; two hosts writing the
 same relative path means one file silently wins. Three scopes decide who writes where:
@@ -15,26 +16,24 @@ never imports torch; ``save`` does, lazily.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import re
-import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal
 
+from smdist import contract
 from smdist.config import load_resource_config, resolve_root
+from smdist.contract import Category
 from smdist.errors import SmdistError
 
 Scope = Literal["leader", "host", "rank"]
 SCOPES: tuple[str, ...] = ("leader", "host", "rank")
 
 MODEL_DIR_ENV = "SM_MODEL_DIR"
-CHECKPOINT_DIR_ENV = "SMDIST_CHECKPOINT_DIR"
-TEMP_SUFFIX = ".smdist-tmp"
-_HASH_CHUNK = 1 << 20
+CHECKPOINT_DIR_ENV = contract.CHECKPOINT_DIR_ENV
+TEMP_SUFFIX = contract.TEMP_SUFFIX
 _STEP_RE = re.compile(r"^(?P<stem>.+)\.step-(?P<step>\d+)(?P<suffix>\.[^.]*)?$")
 # No "a" (an atomic write replaces) and no "x" (a rename cannot promise exclusive creation).
 _WRITE_MODES = ("w", "wb", "wt")
@@ -43,24 +42,8 @@ _WRITE_MODES = ("w", "wb", "wt")
 class ArtifactError(SmdistError, ValueError):
     """A bad name, scope, mode or rank variable given to the artifact API."""
 
-    category = "ArtifactError"
+    category = Category.ARTIFACT_ERROR
     exit_code = 2
-
-
-class ModelDirClash(SmdistError):
-    """Two hosts hold the same path in /opt/ml/model with different content."""
-
-    category = "ModelDirClash"
-
-    def __init__(self, clashes: list[Clash]) -> None:
-        self.clashes = list(clashes)
-        shown = "; ".join(str(c) for c in self.clashes[:5])
-        more = f"; and {len(self.clashes) - 5} more" if len(self.clashes) > 5 else ""
-        super().__init__(
-            f"{len(self.clashes)} path(s) in the model dir differ between hosts and would "
-            f"overwrite each other in model.tar.gz: {shown}{more} "
-            '(write with smdist.save(..., scope="leader") or scope="host")'
-        )
 
 
 # -- who am I ------------------------------------------------------------------------------
@@ -149,53 +132,19 @@ def _check_host(host: str) -> str:
 # -- atomic writes -------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_path(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
-
-
-def is_temp_file(path: Path) -> bool:
-    """Whether ``path`` is the temporary file of an atomic write (in flight or abandoned)."""
-    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
-
-
 @contextlib.contextmanager
 def atomic_open(target: Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
-    """Open ``target`` for writing; it appears, complete, only when the block exits cleanly."""
+    """Open ``target`` for writing; it appears, complete, only when the block exits cleanly
+    (fsynced: a model file must survive the container's end)."""
     if mode not in _WRITE_MODES:
         raise ArtifactError(
             f"mode {mode!r} for {target}: expected one of {', '.join(_WRITE_MODES)}"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(target)
-    # O_EXCL: never share a temp file; 0o666 so the umask decides, as for a plain open().
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     binary = "b" in mode
-    try:
-        f: IO[Any] = (
-            os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding=encoding or "utf-8")
-        )
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
+    with contract.atomic_open(
+        target, binary=binary, durable=True, encoding=encoding or "utf-8"
+    ) as f:
+        yield f
 
 
 @contextlib.contextmanager
@@ -205,23 +154,6 @@ def _discard(mode: str) -> Iterator[IO[Any]]:
         raise ArtifactError(f"mode {mode!r}: expected one of {', '.join(_WRITE_MODES)}")
     with open(os.devnull, mode) as f:
         yield f
-
-
-def remove_temp_files(directory: Path) -> list[Path]:
-    """Delete the temp files of writes that never finished (a killed writer).
-
-    Call only when no worker is writing: the agent does, after its workers exit.
-    """
-    removed: list[Path] = []
-    if not directory.is_dir():
-        return removed
-    for dirpath, _dirnames, filenames in os.walk(directory):
-        for fname in filenames:
-            p = Path(dirpath, fname)
-            if is_temp_file(p):
-                p.unlink(missing_ok=True)
-                removed.append(p)
-    return removed
 
 
 # -- the API -------------------------------------------------------------------------------
@@ -376,7 +308,7 @@ class Artifacts:
             plain = sorted(
                 f
                 for f in (base.iterdir() if base.is_dir() else ())
-                if f.is_file() and not is_temp_file(f) and not _STEP_RE.match(f.name)
+                if f.is_file() and not contract.is_temp_file(f) and not _STEP_RE.match(f.name)
             )
             if len(plain) > 1:
                 names = ", ".join(f.name for f in plain)
@@ -412,7 +344,7 @@ def _stepped_files(directory: Path, name: str | None) -> list[tuple[int, Path]]:
     want = PurePosixPath(name) if name is not None else None
     found: list[tuple[int, Path]] = []
     for p in directory.iterdir():
-        if is_temp_file(p) or not p.is_file():
+        if contract.is_temp_file(p) or not p.is_file():
             continue
         m = _STEP_RE.match(p.name)
         if m is None:
@@ -469,120 +401,3 @@ def save_checkpoint(
 
 def latest_checkpoint(name: str | None = None, scope: str = "leader") -> Path | None:
     return Artifacts.from_env().latest_checkpoint(name, scope)
-
-
-# -- the clash check at the exit barrier ---------------------------------------------------
-
-Inventory = dict[str, tuple[int, str]]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def inventory(model_dir: Path) -> Inventory:
-    """Relative path -> (size, sha256) of every regular file under ``model_dir``.
-
-    Temp files of atomic writes are skipped; symlinks to files count as the file
-    (tar follows them the same way as a reader would); symlinked dirs are not entered.
-    """
-    result: Inventory = {}
-    if not model_dir.is_dir():
-        return result
-    for dirpath, _dirnames, filenames in os.walk(model_dir):
-        for fname in filenames:
-            p = Path(dirpath, fname)
-            if is_temp_file(p):
-                continue
-            try:
-                if not p.is_file():
-                    continue
-                size = p.stat().st_size
-                digest = _sha256(p)
-            except FileNotFoundError:  # renamed or removed while we walked
-                continue
-            result[p.relative_to(model_dir).as_posix()] = (size, digest)
-    return result
-
-
-def encode_inventory(inv: Mapping[str, tuple[int, str]]) -> bytes:
-    """The inventory as the bytes an agent puts into the rendezvous store."""
-    return json.dumps({k: [size, digest] for k, (size, digest) in inv.items()}).encode()
-
-
-def decode_inventory(data: bytes, host: str) -> Inventory:
-    """The inverse of :func:`encode_inventory`; ``host`` names the sender in errors."""
-    try:
-        raw = json.loads(data)
-        return {str(k): (int(v[0]), str(v[1])) for k, v in raw.items()}
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-        raise SmdistError(f"model dir inventory from host {host}: malformed ({exc})") from None
-
-
-@dataclass(frozen=True)
-class Clash:
-    """One path of model.tar.gz that more than one host would put there."""
-
-    path: str
-    hosts: tuple[str, ...]
-    identical: bool
-    """Same size and hash on every host: harmless duplicate, a warning."""
-    detail: str = ""
-
-    def __str__(self) -> str:
-        what = "same content" if self.identical else self.detail or "different content"
-        return f"{self.path} on hosts {', '.join(self.hosts)} ({what})"
-
-
-def find_clashes(
-    inventories: Mapping[str, Mapping[str, tuple[int, str]]],
-) -> tuple[list[Clash], list[Clash]]:
-    """(failing clashes, warnings) across the hosts' inventories, sorted by path."""
-    holders: dict[str, list[str]] = {}
-    for host in sorted(inventories):
-        for path in inventories[host]:
-            holders.setdefault(path, []).append(host)
-    failing: list[Clash] = []
-    warnings: list[Clash] = []
-    for path in sorted(holders):
-        hosts = holders[path]
-        if len(hosts) < 2:
-            continue
-        contents = {tuple(inventories[h][path]) for h in hosts}
-        if len(contents) == 1:
-            warnings.append(Clash(path, tuple(hosts), identical=True))
-        else:
-            failing.append(Clash(path, tuple(hosts), identical=False))
-    # A file on one host where another has a directory of that name: tar keeps only one.
-    dir_holders: dict[str, set[str]] = {}
-    for path, hosts in holders.items():
-        for parent in PurePosixPath(path).parents:
-            if parent.as_posix() in holders:
-                dir_holders.setdefault(parent.as_posix(), set()).update(hosts)
-    for key in sorted(dir_holders):
-        file_hosts = holders[key]
-        dir_hosts = sorted(dir_holders[key] - set(file_hosts))
-        if dir_hosts:
-            failing.append(
-                Clash(
-                    key,
-                    tuple(sorted({*file_hosts, *dir_hosts})),
-                    identical=False,
-                    detail=f"a file on {', '.join(file_hosts)}, "
-                    f"a directory on {', '.join(dir_hosts)}",
-                )
-            )
-    failing.sort(key=lambda c: c.path)
-    return failing, warnings
-
-
-def check_clashes(inventories: Mapping[str, Mapping[str, tuple[int, str]]]) -> list[Clash]:
-    """Raise :class:`ModelDirClash` on a failing clash; return the warnings otherwise."""
-    failing, warnings = find_clashes(inventories)
-    if failing:
-        raise ModelDirClash(failing)
-    return warnings

@@ -12,51 +12,27 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import io
-import json
 import os
 import pwd
 import runpy
-import signal
 import socket
 import sys
-import sysconfig
 import time
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-ERROR_FILE_ENV = "SMDIST_ERROR_FILE"
-STACK_DUMP_SIGNAL = signal.SIGUSR1
-RECORD_VERSION = 1
+from smdist import contract
+
+ERROR_FILE_ENV = contract.ERROR_FILE_ENV
+STACK_DUMP_SIGNAL = contract.STACK_DUMP_SIGNAL
+RECORD_VERSION = contract.ERROR_RECORD_VERSION
 
 _MAX_FRAMES = 60
 _MAX_TRACEBACK_CHARS = 64_000
 _MAX_MESSAGE_CHARS = 4_000
-_SMDIST_DIR = os.path.dirname(os.path.abspath(__file__))
-# Computed now, not at failure time: the worker may have dropped privileges or memory since.
-_LIBRARY_DIRS = tuple(
-    sorted(
-        {
-            os.path.abspath(p)
-            for key in ("stdlib", "platstdlib", "purelib", "platlib")
-            if (p := sysconfig.get_paths().get(key))
-        }
-    )
-)
-
-
-def is_user_file(filename: str) -> bool:
-    """Whether a frame's file is the user's code: not smdist, the stdlib or an installed package."""
-    if not filename or filename.startswith("<"):
-        return False  # <frozen runpy>, <string>
-    path = os.path.abspath(filename)
-    if path.startswith(_SMDIST_DIR + os.sep):
-        return False
-    parts = path.split(os.sep)
-    if "site-packages" in parts or "dist-packages" in parts:
-        return False
-    return not any(path.startswith(d + os.sep) for d in _LIBRARY_DIRS)
 
 
 def frame_dicts(frames: Sequence[traceback.FrameSummary]) -> list[dict[str, Any]]:
@@ -67,7 +43,7 @@ def frame_dicts(frames: Sequence[traceback.FrameSummary]) -> list[dict[str, Any]
             "line": f.lineno,
             "function": f.name,
             "code": (f.line or "").strip(),
-            "user": is_user_file(f.filename),
+            "user": contract.is_user_file(f.filename),
         }
         for f in frames
     ]
@@ -199,32 +175,14 @@ def _cwd() -> str | None:
 def write_record(record: dict[str, Any], path: str | None = None) -> bool:
     """Write an error file atomically; the first writer wins (the root exception)."""
     path = path or os.environ.get(ERROR_FILE_ENV)
-    if not path or os.path.exists(path):
-        return False
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f, default=str)
-        os.replace(tmp, path)
-    except OSError:
-        # A full disk must not hide the user's own traceback: the agent falls back to stderr.
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        return False
-    return True
+    return contract.write_error_record(record, Path(path)) if path else False
 
 
 def _torchelastic_record(path: str) -> dict[str, Any] | None:
     """The error file torch elastic's ``@record`` wrote (``TORCHELASTIC_ERROR_FILE`` points
     here) for the exception now leaving the script, if it is one."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if isinstance(data, dict) and "version" not in data and isinstance(data.get("message"), dict):
-        return data
-    return None
+    data = contract.read_error_record(Path(path))
+    return data if data is not None and contract.is_torchelastic_record(data) else None
 
 
 def record_exception(exc: BaseException, path: str | None = None) -> None:

@@ -8,46 +8,22 @@ so the rank sees what a torch-backend worker on the same host would see.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import socket
 import sys
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from smdist import contract
 from smdist.torchrun_env import rank_variables
 
-JOB_DIR_ENV = "SMDIST_MPI_JOB_DIR"
-FORWARDED_ENV = "SMDIST_MPI_FORWARDED"
-"""Variables the user forwarded with ``-x``: they win over each host's own values."""
-HOSTS_ENV = "SMDIST_MPI_HOSTS"
-"""The job's hosts and processes, ``algo-1:2,algo-2:2``, in node-rank order."""
-HOST_FILE = "host.json"
-PR_SET_PDEATHSIG = 1
-
-
-def parse_hosts(text: str) -> list[tuple[str, int]]:
-    out = []
-    for item in text.split(","):
-        host, _, n = item.rpartition(":")
-        if not host or not n.isdigit():
-            raise ValueError(f"expected HOST:N[,HOST:N...], got {text!r}")
-        out.append((host, int(n)))
-    return out
-
-
-def place(hosts: Sequence[tuple[str, int]], rank: int) -> tuple[str, int]:
-    """Host and local rank of ``rank`` under ``--map-by slot``."""
-    first = 0
-    for host, n in hosts:
-        if rank < first + n:
-            return host, rank - first
-        first += n
-    return "?", 0
+JOB_DIR_ENV = contract.MPI_JOB_DIR_ENV
+FORWARDED_ENV = contract.MPI_FORWARDED_ENV
+HOSTS_ENV = contract.MPI_HOSTS_ENV
+HOST_FILE = contract.RunDir.HOST_FILE
 
 
 def host_dir(job_dir: Path, environ: Mapping[str, str]) -> tuple[Path, dict[str, str]]:
@@ -57,8 +33,8 @@ def host_dir(job_dir: Path, environ: Mapping[str, str]) -> tuple[Path, dict[str,
     found = [p for p in job_dir.iterdir() if (p / HOST_FILE).is_file()]
     if len(found) == 1:
         return found[0], {}
-    hosts = parse_hosts(environ.get(HOSTS_ENV, ""))
-    host, local = place(hosts, int(environ["OMPI_COMM_WORLD_RANK"]))
+    hosts = contract.parse_mpi_hosts(environ.get(HOSTS_ENV, ""))
+    host, local = contract.place(hosts, int(environ["OMPI_COMM_WORLD_RANK"]))
     size = dict(hosts).get(host, 1)
     return job_dir / host, {"LOCAL_RANK": str(local), "LOCAL_WORLD_SIZE": str(size)}
 
@@ -81,7 +57,7 @@ def rank_environment(
             "LOCAL_WORLD_SIZE": environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"),
             "NODE_RANK": str(host.get("node_rank", 0)),
             "GROUP_RANK": str(host.get("node_rank", 0)),
-            "SMDIST_ERROR_FILE": os.path.join(host_dir, f"rank-{rank}.error.json"),
+            contract.ERROR_FILE_ENV: str(contract.RunDir(Path(host_dir)).error_file(rank)),
         }
     )
     env.update(
@@ -89,7 +65,7 @@ def rank_environment(
             host.get("env") or {},
             rank=rank,
             world_size=env["WORLD_SIZE"],
-            error_file=env["SMDIST_ERROR_FILE"],
+            error_file=env[contract.ERROR_FILE_ENV],
         )
     )
     return env
@@ -144,16 +120,10 @@ def _abort_mpi(code: int) -> None:
     mpi.COMM_WORLD.Abort(code)
 
 
-def failure_line(rank: str, host: str, code: int) -> str:
-    """What a failing rank says on stderr: the launcher's witness when mpirun's own report
-    is lost (Open MPI 4.1 sometimes drops it)."""
-    return f"smdist: rank {rank} on {host} failed (exit {code})"
-
-
 def _failed(code: int) -> None:
     rank = os.environ.get("RANK", "?")
     host = os.environ.get("SM_CURRENT_HOST", socket.gethostname())
-    sys.stderr.write(failure_line(rank, host, code) + "\n")
+    sys.stderr.write(contract.rank_failed_line(rank, host, code) + "\n")
     sys.stderr.flush()
     _abort_mpi(code)
 
@@ -185,8 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     parent = os.getppid()
     # Die with mpirun / orted, even when they are SIGKILLed: no orphaned rank.
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:
+    if not contract.die_with_parent(parent):
         raise SystemExit(1)
     where = socket.gethostname()
     job_dir = os.environ.get(JOB_DIR_ENV)

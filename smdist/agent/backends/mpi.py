@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import ctypes
 import dataclasses
 import itertools
 import json
@@ -36,23 +35,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from smdist import contract
 from smdist.agent.backends.base import Launch, nproc_from_flag
 from smdist.agent.entry import Entry
 from smdist.agent.rendezvous import Coordinator, JobPlan
 from smdist.agent.report.failure import WorkerFailure
 from smdist.agent.supervisor import WorkerSpec
 from smdist.config import JobConfig
+from smdist.contract import MPI_FORWARDED_ENV as FORWARDED_ENV
+from smdist.contract import MPI_HOSTS_ENV as HOSTS_ENV
+from smdist.contract import MPI_JOB_DIR_ENV as JOB_DIR_ENV
+from smdist.contract import parse_mpi_hosts, place
 from smdist.errors import ConfigError, RendezvousFailed, SmdistError
 from smdist.log import log
 from smdist.torchrun_env import host_variables, run_id
-from smdist.worker.mpi_rank import (
-    FORWARDED_ENV,
-    HOST_FILE,
-    HOSTS_ENV,
-    JOB_DIR_ENV,
-    parse_hosts,
-    place,
-)
 
 SSH_PORT_ENV = "SMDIST_SSH_PORT"
 SSH_ARGS_ENV = "SMDIST_SSH_ARGS"
@@ -67,8 +63,6 @@ LAUNCH_VARIABLES = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV")
 NPROC_HP = "sagemaker_mpi_num_of_processes_per_host"
 CUSTOM_HP = "sagemaker_mpi_custom_mpi_options"
 TAIL_LINES = 60
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def ssh_port(environ: Mapping[str, str] | None = None) -> int:
@@ -224,8 +218,7 @@ def host_environment(
         {
             "MASTER_ADDR": plan.master_addr,
             "MASTER_PORT": str(plan.master_port),
-            "SMDIST_AGENT_PID": str(os.getpid()),
-            "SMDIST_OPT_ML": str(config.paths.root),
+            **contract.agent_variables(config.paths.root),
         }
     )
     job_id, _ = run_id(base_env, config.hyperparameters, plan.master_addr, plan.layout.hosts)
@@ -236,12 +229,8 @@ def host_environment(
 
 
 def write_host_file(run_dir: Path, host: str, node_rank: int, env: Mapping[str, str]) -> None:
-    path = run_dir / HOST_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the env
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump({"host": host, "node_rank": node_rank, "env": dict(env)}, f)
-    os.replace(tmp, path)
+    body = json.dumps({"host": host, "node_rank": node_rank, "env": dict(env)})
+    contract.atomic_write(contract.RunDir(run_dir).host_file, body, perms=0o600)  # the env
 
 
 def _ssh_banner(host: str, port: int, timeout_s: float = 2.0) -> bool:
@@ -440,7 +429,7 @@ def _worker_specs(
         mpirun=mpirun,
     )
     log.info("mpirun: %s", shlex.join(argv))
-    error_file = run_dir / "mpirun.error.json"
+    error_file = contract.RunDir(run_dir).launcher_error_file
     launcher = [
         sys.executable, "-m", "smdist.agent.backends.mpi",
         "--error-file", str(error_file),
@@ -456,7 +445,7 @@ def _worker_specs(
             env=launch_env,
             python=False,  # the user's Python runs under mpirun, not as this process
             error_file=error_file,
-            control_file=run_dir / "mpirun.control.json",
+            control_file=contract.RunDir(run_dir).launcher_control_file,
             prefix=False,  # the launcher prefixes every rank's lines itself
         )
     ]
@@ -473,7 +462,6 @@ _ABORTED = re.compile(
     r"MPI_ABORT was invoked on rank (\d+) in communicator \S+.*?errorcode:?\s*(-?\d+)",
     re.DOTALL | re.IGNORECASE,
 )
-_RANK_FAILED = re.compile(r"^smdist: rank (\d+) on (\S+) failed \(exit (-?\d+)\)$")
 _SIGNALLED = re.compile(
     r"noticed that process rank (\d+) with PID \d+ on node (\S+) exited on signal (\d+)"
 )
@@ -512,7 +500,7 @@ def parse_root_cause(lines: Sequence[str], hosts: Sequence[tuple[str, int]]) -> 
     if s:
         rank, sig = int(s.group(1)), int(s.group(3))
         host, local = place(hosts, rank)  # mpirun names the machine, not the job's host
-        return RootCause(rank, host, local, 128 + sig, sig)
+        return RootCause(rank, host, local, contract.signal_exit_code(sig), sig)
     return None
 
 
@@ -530,7 +518,7 @@ class _Relay:
         self.mpirun_tail: collections.deque[str] = collections.deque(maxlen=200)
         self.lock = threading.Lock()
         self.first_failure: RootCause | None = None
-        """The first rank that said it failed (``mpi_rank.failure_line``)."""
+        """The first rank that said it failed (``contract.rank_failed_line``)."""
 
     def _line(self, rank: int | None, stream: bytes, text: bytes) -> bytes:
         decoded = text.decode("utf-8", "replace")[:1000]
@@ -541,12 +529,10 @@ class _Relay:
             if stream != b"stdout":
                 tail = self.rank_tails.setdefault(rank, collections.deque(maxlen=TAIL_LINES))
                 tail.append(decoded)
-                said = _RANK_FAILED.match(decoded)
-                if said and self.first_failure is None and int(said.group(1)) == rank:
+                said = contract.parse_rank_failed_line(decoded)
+                if said and self.first_failure is None and said[0] == rank:
                     _, local = place(self.hosts, rank)
-                    self.first_failure = RootCause(
-                        rank, said.group(2), local, int(said.group(3)) or 1
-                    )
+                    self.first_failure = RootCause(rank, said[1], local, said[2] or 1)
         host, _ = place(self.hosts, rank)
         return b"[%s/%d] %s\n" % (host.encode(), rank, text)
 
@@ -578,22 +564,14 @@ def _root_record(root: RootCause, job: Path, tail: Sequence[str]) -> dict[str, A
     """The failing rank's error record: its own file where it ran here, else its stderr."""
     from smdist.agent.report import failure
 
-    record: dict[str, Any] | None = None
-    with contextlib.suppress(OSError, ValueError):
-        path = job / root.host / f"rank-{root.rank}.error.json"  # here if it ran here
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict):
-            record = data
+    here = contract.RunDir(job / root.host).error_file(root.rank)  # if it ran here
+    record = contract.read_error_record(here)
     if record is None:
         record = failure.parse_stderr_traceback(list(tail))
     if record is None:
         return None
     record.update(host=root.host, rank=root.rank, local_rank=root.local_rank, reported_by="mpirun")
     return record
-
-
-def _pdeathsig() -> None:
-    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with this launcher
 
 
 def launch(argv: Sequence[str], hosts: Sequence[tuple[str, int]], job: Path, error: Path) -> int:
@@ -607,7 +585,7 @@ def launch(argv: Sequence[str], hosts: Sequence[tuple[str, int]], job: Path, err
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        preexec_fn=_pdeathsig,
+        preexec_fn=contract.exec_dying_with(os.getpid()),  # die with this launcher
     )
     relay = _Relay(hosts)
     assert proc.stdout is not None and proc.stderr is not None
@@ -625,18 +603,14 @@ def launch(argv: Sequence[str], hosts: Sequence[tuple[str, int]], job: Path, err
     root = parse_root_cause(list(relay.mpirun_tail), hosts) or relay.first_failure
     if root is None:
         sys.stderr.write(f"smdist: mpirun exited with code {code}; no failing rank reported\n")
-        return code if code > 0 else 128 - code
+        return contract.exit_code(code)
     sys.stderr.write(f"smdist: mpirun: {root.describe()}\n")
     with relay.lock:
         tail = list(relay.rank_tails.get(root.rank, ()))
     record = _root_record(root, job, tail)
     if record is not None:
-        from smdist.worker import bootstrap
-
-        bootstrap.write_record(record, str(error))
+        contract.write_error_record(record, error)
     elif root.signal:
-        from smdist.worker import bootstrap
-
         # No traceback to keep, but who it was: the agent names this rank, not the launcher.
         identity = {
             "kind": "signal",
@@ -647,7 +621,7 @@ def launch(argv: Sequence[str], hosts: Sequence[tuple[str, int]], job: Path, err
             "reported_by": "mpirun",
             "time": time.time(),
         }
-        bootstrap.write_record(identity, str(error))
+        contract.write_error_record(identity, error)
         sys.stdout.flush()
         sys.stderr.flush()
         # Die as the rank died, so the agent classifies the signal (OOM kill, segfault).
@@ -667,7 +641,7 @@ def main(args: Sequence[str] | None = None) -> int:
     if not argv:
         p.error("no mpirun command after --")
     try:
-        hosts = parse_hosts(ns.hosts)
+        hosts = parse_mpi_hosts(ns.hosts)
     except ValueError as exc:
         p.error(str(exc))
     try:

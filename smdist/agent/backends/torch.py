@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
+from smdist import contract
 from smdist.agent.backends.base import Launch, nproc_from_flag
 from smdist.agent.rendezvous import Coordinator, JobPlan
 from smdist.agent.report.failure import WorkerFailure
@@ -11,18 +10,6 @@ from smdist.agent.supervisor import WorkerSpec
 from smdist.config import JobConfig
 from smdist.log import log
 from smdist.torchrun_env import run_id, worker_variables
-
-# Set for every worker, whatever the container says: these define the worker.
-RANK_VARIABLES = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "NODE_RANK",
-    "GROUP_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
 
 
 class TorchBackend:
@@ -48,6 +35,7 @@ class TorchBackend:
         run_dir, sm_env = launch.run_dir, launch.sm_env
         slot = plan.layout.slot(self.config.resource.current_host)
         opt_ml_root = self.config.paths.root
+        files = contract.RunDir(run_dir)
         specs = []
         hosts = plan.layout.hosts
         job_id, source = run_id(
@@ -70,10 +58,9 @@ class TorchBackend:
                     "GROUP_RANK": str(slot.node_rank),
                     "MASTER_ADDR": plan.master_addr,
                     "MASTER_PORT": str(plan.master_port),
-                    "SMDIST_AGENT_PID": str(os.getpid()),
-                    "SMDIST_OPT_ML": str(opt_ml_root),
-                    "SMDIST_ERROR_FILE": str(run_dir / f"rank-{rank}.error.json"),
-                    "SMDIST_CONTROL_FILE": str(run_dir / f"rank-{rank}.control.json"),
+                    **contract.agent_variables(opt_ml_root),
+                    contract.ERROR_FILE_ENV: str(files.error_file(rank)),
+                    contract.CONTROL_FILE_ENV: str(files.control_file(rank)),
                 }
             )
             env.update(
@@ -84,7 +71,7 @@ class TorchBackend:
                     world_size=plan.layout.world_size,
                     node_rank=slot.node_rank,
                     num_hosts=len(hosts),
-                    error_file=env["SMDIST_ERROR_FILE"],
+                    error_file=env[contract.ERROR_FILE_ENV],
                 )
             )
             specs.append(
@@ -94,8 +81,8 @@ class TorchBackend:
                     argv=launch.entry.argv(),
                     env=env,
                     python=launch.entry.python,
-                    error_file=run_dir / f"rank-{rank}.error.json",
-                    control_file=run_dir / f"rank-{rank}.control.json",
+                    error_file=files.error_file(rank),
+                    control_file=files.control_file(rank),
                 )
             )
         return specs

@@ -21,30 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from smdist import contract
 from smdist.config import Paths, resolve_root
+from smdist.contract import Category
 from smdist.errors import SmdistError
 
 FAILURE_FILE_LIMIT = 1024
 REPORT_NAME = "smdist-failure.json"
 OUTPUT_DIR_ENV = "SM_OUTPUT_DIR"
-
-
-class Category:
-    """The stable first word of the failure file (users grep and alert on these)."""
-
-    MISSING_DEPENDENCY = "MissingDependency"
-    OUT_OF_MEMORY = "OutOfMemory"
-    DISK_FULL = "DiskFull"
-    PERMISSION_DENIED = "PermissionDenied"
-    USER_SCRIPT_ERROR = "UserScriptError"
-    KILLED = "Killed"
-    PEER_FAILURE = "PeerFailure"
-    HOST_RESOLUTION_FAILED = "HostResolutionFailed"
-    RENDEZVOUS_FAILED = "RendezvousFailed"
-    CONFIG_ERROR = "ConfigError"
-    ENTRY_POINT_NOT_FOUND = "EntryPointNotFound"
-    CODE_DOWNLOAD_FAILED = "CodeDownloadFailed"
-    DEPENDENCY_INSTALL_FAILED = "DependencyInstallFailed"
 
 
 @dataclass(frozen=True)
@@ -67,7 +51,7 @@ class WorkerFailure:
     @property
     def exit_code(self) -> int:
         """The shell convention: 128+N for signal N."""
-        return 128 - self.returncode if self.returncode < 0 else self.returncode
+        return contract.exit_code(self.returncode)
 
     @property
     def signal_name(self) -> str | None:
@@ -82,15 +66,10 @@ class WorkerFailure:
         """The bootstrap's error file, if the worker died of a recorded exception."""
         if self.record is not None:
             return dict(self.record)
-        if self.error_file is None:
-            return None
-        try:
-            data = json.loads(self.error_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if isinstance(data, dict) and is_torchelastic_record(data):
+        data = contract.read_error_record(self.error_file)
+        if data is not None and contract.is_torchelastic_record(data):
             return from_torchelastic(data)  # @record wrote it; the bootstrap did not run
-        return data if isinstance(data, dict) else None
+        return data
 
     def describe(self) -> str:
         where = f"host {self.host}, rank {self.rank}"
@@ -337,13 +316,7 @@ def _user_frames(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     if user:
         return user
     # Records without the flag (stderr fallback) or code installed as a package.
-    return [
-        f
-        for f in frames
-        if not str(f.get("file", "")).startswith("<")
-        and "/smdist/" not in str(f.get("file", ""))
-        and "runpy" not in str(f.get("file", ""))
-    ]
+    return [f for f in frames if contract.is_user_file(str(f.get("file", "")), packages=True)]
 
 
 def _at(record: Mapping[str, Any]) -> str:
@@ -509,13 +482,11 @@ def _classify_record(rec: Mapping[str, Any], memory: MemoryStats | None) -> Clas
 
 
 def _classify_import(rec: Mapping[str, Any], where: tuple[str, ...], at: str) -> Classification:
-    from smdist.worker.bootstrap import is_user_file
-
     name = rec.get("name")
     message = _one_line(str(rec.get("message", "")), 200)
     so = _SO_TEXT.search(message)
     import_path = rec.get("import_path")
-    if rec.get("type") == "ImportError" and import_path and is_user_file(str(import_path)):
+    if rec.get("type") == "ImportError" and import_path and contract.is_user_file(str(import_path)):
         # `from model import Nett`: a typo or a circular import in the user's own code.
         return Classification(Category.USER_SCRIPT_ERROR, f"ImportError: {message}{at}", where)
     if so:
@@ -652,17 +623,10 @@ def parse_stderr_traceback(lines: Sequence[str]) -> dict[str, Any] | None:
     return rec
 
 
-def is_torchelastic_record(data: Mapping[str, Any]) -> bool:
-    """Whether an error file is torch elastic's (``@record``), not smdist's bootstrap's."""
-    return "version" not in data and isinstance(data.get("message"), Mapping)
-
-
 def from_torchelastic(data: Mapping[str, Any]) -> dict[str, Any]:
     """An error record from the file torch elastic's ``@record`` writes to
     ``TORCHELASTIC_ERROR_FILE``: ``{"message": {"message": "Type: text", "extraInfo":
     {"py_callstack": traceback, "timestamp": ...}}}``."""
-    from smdist.worker.bootstrap import is_user_file
-
     message = data["message"]
     extra = message.get("extraInfo") if isinstance(message.get("extraInfo"), Mapping) else {}
     callstack = str(extra.get("py_callstack") or "")
@@ -671,7 +635,7 @@ def from_torchelastic(data: Mapping[str, Any]) -> dict[str, Any]:
         typ, _, text = str(message.get("message", "")).partition(": ")
         rec = {"type": typ or "Exception", "message": text, "frames": []}
     for frame in rec["frames"]:
-        frame["user"] = is_user_file(str(frame["file"]))
+        frame["user"] = contract.is_user_file(str(frame["file"]))
     rec["kind"] = "torchelastic"
     rec["traceback"] = callstack
     return rec
@@ -692,15 +656,7 @@ def parse_faulthandler(lines: Sequence[str]) -> list[dict[str, Any]]:
             break
         frames.append({"file": m["file"], "line": int(m["line"]), "function": m["func"]})
     frames.reverse()
-    user = [
-        f
-        for f in frames
-        if not f["file"].startswith("<")
-        and "/smdist/" not in f["file"]
-        and "site-packages" not in f["file"]
-        and "/lib/python3" not in f["file"]
-    ]
-    return user or frames
+    return [f for f in frames if contract.is_user_file(f["file"])] or frames
 
 
 def headline(failure: WorkerFailure) -> str:
@@ -948,10 +904,7 @@ def _read_user_failure(paths: Paths) -> str | None:
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> bool:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-        os.replace(tmp, path)
+        contract.atomic_write(path, json.dumps(data, indent=2, default=str))
     except OSError:
         return False
     return True
@@ -966,28 +919,10 @@ def write_failure_file(paths: Paths, text: str, *, overwrite_user: bool = False)
 
 
 def _write_failure_at(target: Path, text: str, *, exclusive: bool) -> bool:
-    data = _clip(text, FAILURE_FILE_LIMIT).encode("utf-8")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".failure.tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        try:
-            if not exclusive:
-                os.replace(tmp, target)
-                return True
-            try:
-                os.link(tmp, target)  # atomic, and fails if someone wrote it first
-            except FileExistsError:
-                return False
-            except OSError:  # a filesystem without hard links
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-        finally:
-            tmp.unlink(missing_ok=True)
+        return contract.atomic_write(target, _clip(text, FAILURE_FILE_LIMIT), exclusive=exclusive)
     except OSError:
         return False
-    return True
 
 
 # --- smdist.fail ----------------------------------------------------------------------
