@@ -23,26 +23,16 @@ from typing import Any, TypeVar
 
 from smdist import contract
 from smdist.config import decode_hyperparameter, resolve_root
+from smdist.worker import environment
 
 T = TypeVar("T")
 LAUNCHED_ENV = contract.AGENT_PID_ENV
 
 
 def launched() -> bool:
-    """Started by smdist's agent, by mpirun, or by another launcher that set the rank
-    variables."""
-    return (
-        LAUNCHED_ENV in os.environ
-        or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
-        or "OMPI_COMM_WORLD_RANK" in os.environ
-    )
-
-
-def _int_env(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
+    """Started by smdist's agent, by mpirun (Open MPI, MPICH, Intel MPI), or by another
+    launcher that set the rank variables (``smdist.worker.environment``)."""
+    return environment.detect().creates_processes_externally
 
 
 def _json_env(name: str, default: Any) -> Any:
@@ -230,11 +220,11 @@ def init(*, timeout_s: float | None = None) -> Context:
 
     from smdist.worker.mpi_rank import world_from_mpi
 
+    started = environment.detect()
     for name, value in world_from_mpi(os.environ).items():  # plain `mpirun python train.py`
-        os.environ.setdefault(name, value)
-    rank = _int_env("RANK", 0)
-    world = _int_env("WORLD_SIZE", 1)
-    local_rank = _int_env("LOCAL_RANK", 0)
+        os.environ.setdefault(name, value)  # torch's env:// reads them
+    rank, world = started.rank, started.world_size
+    local_rank = started.local_rank or 0
     device, backend = _device(local_rank)
     distributed = dist.is_initialized()
     if not distributed and "MASTER_ADDR" in os.environ:
@@ -246,14 +236,14 @@ def init(*, timeout_s: float | None = None) -> Context:
         dist.init_process_group(backend, rank=rank, world_size=world, **kwargs)
         distributed = True
     root = resolve_root().root
-    current = os.environ.get("SM_CURRENT_HOST", "algo-1")
+    current = started.host
     hps = _json_env("SM_HPS", {})
     return Context(
         rank=rank,
         local_rank=local_rank,
         world_size=world,
-        local_world_size=_int_env("LOCAL_WORLD_SIZE", 1),
-        node_rank=_int_env("NODE_RANK", 0),
+        local_world_size=started.local_world_size,
+        node_rank=started.node_rank,
         hosts=tuple(_json_env("SM_HOSTS", [current])),
         current_host=current,
         device=device,

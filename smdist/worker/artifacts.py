@@ -24,9 +24,10 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal
 
 from smdist import contract
-from smdist.config import load_resource_config, resolve_root
+from smdist.config import resolve_root
 from smdist.contract import Category
 from smdist.errors import SmdistError
+from smdist.worker import environment
 
 Scope = Literal["leader", "host", "rank"]
 SCOPES: tuple[str, ...] = ("leader", "host", "rank")
@@ -49,29 +50,6 @@ class ArtifactError(SmdistError, ValueError):
 # -- who am I ------------------------------------------------------------------------------
 
 
-def _int_var(env: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, int] | None:
-    for name in names:
-        raw = env.get(name)
-        if raw is None or raw == "":
-            continue
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ArtifactError(
-                f"environment variable {name}: expected a non-negative integer, got {raw!r}"
-            ) from None
-        if value < 0:
-            raise ArtifactError(
-                f"environment variable {name}: expected a non-negative integer, got {raw!r}"
-            )
-        return name, value
-    return None
-
-
-_RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
-_LOCAL_RANK_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
-
-
 @dataclass(frozen=True)
 class WorkerIdentity:
     """Who this process is, as the agent (or torchrun, or mpirun) told it through env vars."""
@@ -83,19 +61,11 @@ class WorkerIdentity:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerIdentity:
-        env = os.environ if environ is None else environ
-        rank = _int_var(env, _RANK_VARS)
-        local = _int_var(env, _LOCAL_RANK_VARS)
-        if local is not None:
-            local_rank: int | None = local[1]
-        else:
-            # A plain `python train.py` is the only process: rank 0 and local rank 0.
-            local_rank = 0 if rank is None else None
-        host = (
-            env.get("SM_CURRENT_HOST")
-            or load_resource_config(resolve_root(environ=env).resource_config_file).current_host
-        )
-        return cls(rank=0 if rank is None else rank[1], local_rank=local_rank, host=host)
+        started = environment.detect(environ)
+        try:
+            return cls(rank=started.rank, local_rank=started.local_rank, host=started.host)
+        except environment.VariableError as exc:
+            raise ArtifactError(str(exc)) from None
 
     def __repr__(self) -> str:
         return f"WorkerIdentity(host={self.host}, rank={self.rank}, local_rank={self.local_rank})"

@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from smdist import contract
+from smdist.worker import environment
 
 ERROR_FILE_ENV = contract.ERROR_FILE_ENV
 STACK_DUMP_SIGNAL = contract.STACK_DUMP_SIGNAL
@@ -140,9 +141,7 @@ def build_record(exc: BaseException, *, kind: str = "exception") -> dict[str, An
         "traceback": text,
         "frames": _frames(exc.__traceback__),
         "chain": _chain(exc),
-        "host": os.environ.get("SM_CURRENT_HOST", socket.gethostname()),
-        "rank": _int_env("RANK"),
-        "local_rank": _int_env("LOCAL_RANK"),
+        **_who(),
         "pid": os.getpid(),
         "user": _user(),
         "cwd": _cwd(),
@@ -158,11 +157,14 @@ def build_record(exc: BaseException, *, kind: str = "exception") -> dict[str, An
     return record
 
 
-def _int_env(name: str) -> int:
+def _who() -> dict[str, Any]:
+    """Host, rank and local rank, as the launcher told them (never fails: a record must be
+    written even when the variables are broken)."""
     try:
-        return int(os.environ.get(name, "0"))
-    except ValueError:
-        return 0
+        started = environment.detect()
+        return {"host": started.host, "rank": started.rank, "local_rank": started.local_rank or 0}
+    except Exception:
+        return {"host": socket.gethostname(), "rank": 0, "local_rank": 0}
 
 
 def _cwd() -> str | None:

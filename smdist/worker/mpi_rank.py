@@ -19,6 +19,7 @@ from typing import Any
 
 from smdist import contract
 from smdist.torchrun_env import rank_variables
+from smdist.worker import environment
 
 JOB_DIR_ENV = contract.MPI_JOB_DIR_ENV
 FORWARDED_ENV = contract.MPI_FORWARDED_ENV
@@ -34,7 +35,7 @@ def host_dir(job_dir: Path, environ: Mapping[str, str]) -> tuple[Path, dict[str,
     if len(found) == 1:
         return found[0], {}
     hosts = contract.parse_mpi_hosts(environ.get(HOSTS_ENV, ""))
-    host, local = contract.place(hosts, int(environ["OMPI_COMM_WORLD_RANK"]))
+    host, local = contract.place(hosts, environment.OpenMPI(environ).rank)
     size = dict(hosts).get(host, 1)
     return job_dir / host, {"LOCAL_RANK": str(local), "LOCAL_WORLD_SIZE": str(size)}
 
@@ -48,22 +49,19 @@ def rank_environment(
     for name, value in dict(host.get("env") or {}).items():
         if name not in forwarded:  # an explicit -x NAME wins over the host's own value
             env[name] = str(value)
-    rank = environ["OMPI_COMM_WORLD_RANK"]
+    started = environment.OpenMPI(environ)
     env.update(
         {
-            "RANK": rank,
-            "LOCAL_RANK": environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
-            "WORLD_SIZE": environ.get("OMPI_COMM_WORLD_SIZE", "1"),
-            "LOCAL_WORLD_SIZE": environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"),
+            **torch_variables(started),
             "NODE_RANK": str(host.get("node_rank", 0)),
             "GROUP_RANK": str(host.get("node_rank", 0)),
-            contract.ERROR_FILE_ENV: str(contract.RunDir(Path(host_dir)).error_file(rank)),
+            contract.ERROR_FILE_ENV: str(contract.RunDir(Path(host_dir)).error_file(started.rank)),
         }
     )
     env.update(
         rank_variables(
             host.get("env") or {},
-            rank=rank,
+            rank=env["RANK"],
             world_size=env["WORLD_SIZE"],
             error_file=env[contract.ERROR_FILE_ENV],
         )
@@ -71,20 +69,27 @@ def rank_environment(
     return env
 
 
+def torch_variables(started: environment.Environment) -> dict[str, str]:
+    """An MPI rank's place in the world, in torch's variables."""
+    return {
+        "RANK": str(started.rank),
+        "LOCAL_RANK": str(started.local_rank or 0),
+        "WORLD_SIZE": str(started.world_size),
+        "LOCAL_WORLD_SIZE": str(started.local_world_size),
+    }
+
+
 def world_from_mpi(environ: Mapping[str, str]) -> dict[str, str]:
     """RANK, WORLD_SIZE, ... for a script ``mpirun`` started without smdist's wrapper
-    (Horovod-style ``mpirun python train.py``); empty when not under mpirun or already set.
+    (Horovod-style ``mpirun python train.py``, Open MPI or MPICH/Intel MPI); empty when not
+    under mpirun or already set.
 
     Without MASTER_ADDR/MASTER_PORT, rank 0 picks them and mpi4py broadcasts them.
     """
-    if "OMPI_COMM_WORLD_RANK" not in environ or "RANK" in environ:
+    started = environment.detect(environ)
+    if not isinstance(started, environment.MpiEnvironment):
         return {}
-    env = {
-        "RANK": environ["OMPI_COMM_WORLD_RANK"],
-        "LOCAL_RANK": environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"),
-        "WORLD_SIZE": environ.get("OMPI_COMM_WORLD_SIZE", "1"),
-        "LOCAL_WORLD_SIZE": environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"),
-    }
+    env = torch_variables(started)
     if "MASTER_ADDR" in environ and "MASTER_PORT" in environ:
         return env
     try:
@@ -159,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1)
     where = socket.gethostname()
     job_dir = os.environ.get(JOB_DIR_ENV)
-    if "OMPI_COMM_WORLD_RANK" not in os.environ or not job_dir:
+    if not environment.OpenMPI.detect(os.environ) or not job_dir:
         sys.stderr.write(
             f"smdist: mpi_rank on {where} needs OMPI_COMM_WORLD_RANK and {JOB_DIR_ENV} "
             "(it is started by smdist's mpirun, not by hand)\n"
