@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from smdist.agent.report.failure import fail
     from smdist.worker.api import Context, init, main
     from smdist.worker.artifacts import (
         checkpoint_path,
@@ -22,6 +21,7 @@ if TYPE_CHECKING:
         save_checkpoint,
     )
     from smdist.worker.channels import channel
+    from smdist.worker.fail import fail
 
 _API = ("main", "init", "Context", "launched")
 _ARTIFACTS = (
@@ -62,5 +62,5 @@ def __getattr__(name: str) -> Any:
     if name == "channel":
         return importlib.import_module("smdist.worker.channels").channel
     if name == "fail":
-        return importlib.import_module("smdist.agent.report.failure").fail
+        return importlib.import_module("smdist.worker.fail").fail
     raise AttributeError(f"module 'smdist' has no attribute {name!r}")

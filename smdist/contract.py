@@ -278,6 +278,35 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# --- the failure file -------------------------------------------------------------------
+
+FAILURE_FILE_LIMIT = 1024
+"""SageMaker keeps this much of /opt/ml/output/failure as the job's FailureReason."""
+
+
+def utf8_size(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def clip(text: str, limit: int) -> str:
+    """At most ``limit`` UTF-8 bytes (so also characters), never half a character."""
+    if utf8_size(text) <= limit:
+        return text
+    return text.encode("utf-8")[: limit - 3].decode("utf-8", errors="ignore") + "..."
+
+
+def write_failure_file(target: Path, text: str, *, exclusive: bool) -> bool:
+    """Write the failure file (clipped to what SageMaker keeps); never raises.
+
+    ``exclusive``: keep a failure file someone (a rank's ``smdist.fail``) wrote first.
+    Returns whether this call wrote it.
+    """
+    try:
+        return atomic_write(target, clip(text, FAILURE_FILE_LIMIT), exclusive=exclusive)
+    except OSError:
+        return False
+
+
 # --- processes --------------------------------------------------------------------------
 
 _PR_SET_PDEATHSIG = 1

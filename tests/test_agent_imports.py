@@ -85,5 +85,5 @@ def test_a_running_agent_imports_no_torch_or_worker_module(tmp_path: Path) -> No
     assert r.returncode == 1, r.stderr
     assert "UserScriptError: RuntimeError: bad batch" in (opt_ml / "output" / "failure").read_text()
     imported = {m.group(1) for line in r.stderr.splitlines() if (m := _IMPORTTIME.match(line))}
-    assert {"smdist.agent.supervisor", "smdist.agent.report.failure"} <= imported
+    assert {"smdist.agent.supervisor", "smdist.agent.report.write"} <= imported
     assert forbidden(imported) == []

@@ -21,17 +21,11 @@ from typing import Any
 
 import pytest
 
-from smdist.agent.report.failure import (
-    FAILURE_FILE_LIMIT,
-    REPORT_NAME,
-    Diagnosis,
-    MemoryStats,
-    WorkerFailure,
-    clear_failure_files,
-    memory_snapshot,
-    report,
-)
+from smdist.agent.report.failure import WorkerFailure
+from smdist.agent.report.memory import MemoryStats, memory_snapshot
+from smdist.agent.report.write import REPORT_NAME, Diagnosis, clear_failure_files, report
 from smdist.config import Paths
+from smdist.contract import FAILURE_FILE_LIMIT
 from smdist.errors import HostResolutionFailed
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import pytest
 
 from smdist.agent import preflight
 from smdist.agent.preflight import Check, format_table, quick_checks, run_checks
-from smdist.agent.report.failure import report
+from smdist.agent.report.write import report
 from smdist.config import Paths
 from smdist.errors import HostResolutionFailed
 

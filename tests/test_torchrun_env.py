@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from smdist.agent.report.failure import WorkerFailure, classify
+from smdist.agent.report.classify import classify
+from smdist.agent.report.failure import WorkerFailure
 from smdist.torchrun_env import run_id, worker_variables
 from tests.helpers import make_tree, run, write_script
 

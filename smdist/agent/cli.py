@@ -294,9 +294,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     except SmdistError as exc:
         setup("-")
         log.error("%s", exc.headline())
-        from smdist.agent.report import failure
+        from smdist.agent.report import write
 
-        failure.write_failure_file(paths, exc.headline() + "\n")
+        write.write_failure_file(paths, exc.headline() + "\n")
         return exc.exit_code
     return _launch(ns, [target], paths.code_dir)
 

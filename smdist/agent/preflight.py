@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from smdist import config as config_mod
-from smdist.agent.report.failure import format_bytes
+from smdist.agent.report.memory import format_bytes
 from smdist.config import JobConfig, Paths
 from smdist.contract import Category
 from smdist.errors import ConfigError, SmdistError
@@ -52,7 +52,7 @@ class Check:
 
 
 class PreflightFailed(SmdistError):
-    """A failed check, to hand to ``failure.report(smdist_error=...)``."""
+    """A failed check, to hand to ``write.report(smdist_error=...)``."""
 
     def __init__(self, check: Check) -> None:
         super().__init__(check.detail)

@@ -27,7 +27,8 @@ from smdist.agent.rendezvous import (
     rendezvous,
     stop_event,
 )
-from smdist.agent.report import failure
+from smdist.agent.report import failure, write
+from smdist.agent.report.memory import MemoryStats, memory_snapshot
 from smdist.agent.supervisor import Outcome, Supervisor
 from smdist.errors import JobAborted, SmdistError
 from smdist.log import log, setup
@@ -67,7 +68,7 @@ def run(opts: AgentOptions) -> int:
     try:
         stages.enter("reading the job's config")
         # A failure file present at the end must be the user's own (smdist.fail).
-        failure.clear_failure_files(paths)
+        write.clear_failure_files(paths)
         config = cfg.load(paths)
         host = config.resource.current_host
         setup(host)
@@ -76,7 +77,7 @@ def run(opts: AgentOptions) -> int:
         log.error("%s", exc.headline())
         if host == "-" and exc.where is None:
             exc.where = ""  # the config itself is what failed: no host to name
-        diagnosis = failure.report(paths, [], current_host=host, smdist_error=exc)
+        diagnosis = write.report(paths, [], current_host=host, smdist_error=exc)
         return diagnosis.exit_code
     except stages.StopRequested as stop:
         return _stopped(paths, host, stop)
@@ -85,7 +86,7 @@ def run(opts: AgentOptions) -> int:
         return 130
     except Exception as exc:  # a bug in smdist: still leave a reason SageMaker can show
         log.exception("smdist internal error")
-        failure.write_failure_file(paths, f"InternalError: {type(exc).__name__}: {exc}\n")
+        write.write_failure_file(paths, f"InternalError: {type(exc).__name__}: {exc}\n")
         return 1
 
 
@@ -204,7 +205,7 @@ def _launch(
         num_gpus=gpus,
         num_cpus=os.cpu_count() or 1,
     )
-    memory_at_start = failure.memory_snapshot()
+    memory_at_start = memory_snapshot()
     run_dir = Path(tempfile.mkdtemp(prefix="smdist-"))
     try:
         launch = Launch(entry, os.environ, env_sm, run_dir)
@@ -339,7 +340,7 @@ def _report(
     config: cfg.JobConfig,
     outcome: Outcome,
     started: float,
-    memory: failure.MemoryStats,
+    memory: MemoryStats,
     other_hosts: Mapping[str, list[failure.WorkerFailure]],
 ) -> int:
     elapsed = time.monotonic() - started
@@ -362,7 +363,7 @@ def _report(
     everyone = list(outcome.failures)
     for theirs in other_hosts.values():
         everyone += theirs
-    diagnosis = failure.report(
+    diagnosis = write.report(
         config.paths,
         everyone,
         current_host=config.resource.current_host,

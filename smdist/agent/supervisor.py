@@ -25,8 +25,9 @@ from typing import IO, Any
 from smdist import contract
 from smdist.agent import stages
 from smdist.agent.rendezvous import Coordinator, JobEvent
-from smdist.agent.report.failure import WorkerFailure, looks_like_peer_error
-from smdist.agent.report.failure import headline as failure_headline
+from smdist.agent.report.classify import headline as failure_headline
+from smdist.agent.report.classify import looks_like_peer_error
+from smdist.agent.report.failure import WorkerFailure
 from smdist.contract import STACK_DUMP_SIGNAL
 from smdist.log import log
 

@@ -562,12 +562,12 @@ class _Relay:
 
 def _root_record(root: RootCause, job: Path, tail: Sequence[str]) -> dict[str, Any] | None:
     """The failing rank's error record: its own file where it ran here, else its stderr."""
-    from smdist.agent.report import failure
+    from smdist.agent.report.stderr import parse_stderr_traceback
 
     here = contract.RunDir(job / root.host).error_file(root.rank)  # if it ran here
     record = contract.read_error_record(here)
     if record is None:
-        record = failure.parse_stderr_traceback(list(tail))
+        record = parse_stderr_traceback(list(tail))
     if record is None:
         return None
     record.update(host=root.host, rank=root.rank, local_rank=root.local_rank, reported_by="mpirun")
