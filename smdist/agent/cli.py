@@ -174,23 +174,18 @@ def _options(ns: argparse.Namespace, entry: list[str], base_dir: Path | None):  
 
 def _check(ns: argparse.Namespace, entry: list[str], base_dir: Path | None) -> int:
     """``--check``: every preflight check as a table; the exit code the job would have."""
-    from smdist.agent import discovery, preflight
+    from smdist.agent import preflight
+    from smdist.agent.run import resolve_addresses
 
     paths = cfg.resolve_root(ns.opt_ml)
     if base_dir is not None and entry and entry[0] != "-m" and not Path(entry[0]).is_absolute():
         entry = [str(base_dir / entry[0]), *entry[1:]]
 
     def resolve(hosts: Sequence[str]) -> object:
-        if len(hosts) == 1:
-            return {hosts[0]: "127.0.0.1"}
-        if ns.host_addresses:
-            return ns.host_addresses
-        nameserver = ns.nameserver or os.environ.get("SMDIST_NAMESERVER")
-        policy = discovery.DnsPolicy(
-            timeout_s=min(ns.dns_timeout, 30.0),
-            nameserver=discovery.parse_nameserver(nameserver) if nameserver else None,
-        )
-        return discovery.resolve_hosts(hosts, policy, log)
+        # A check waits at most 30 s for DNS: it reports, the job would wait longer.
+        timeout_s = min(ns.dns_timeout, 30.0)
+        given, server = ns.host_addresses, ns.nameserver
+        return resolve_addresses(hosts, given=given, nameserver=server, timeout_s=timeout_s)
 
     setup("check")
     checks = preflight.run_checks(paths, entry, resolve_hosts=resolve)

@@ -14,9 +14,7 @@ import importlib.util
 import os
 import re
 import secrets
-import shutil
 import socket
-import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +22,9 @@ from pathlib import Path
 from typing import Literal
 
 from smdist import config as config_mod
+from smdist.agent import entry as entries
 from smdist.agent.report.memory import format_bytes
+from smdist.agent.topology import gpu_count
 from smdist.config import JobConfig, Paths
 from smdist.contract import Category
 from smdist.errors import ConfigError, SmdistError
@@ -248,45 +248,6 @@ def _requirements(base: Path) -> set[str]:
     return names
 
 
-@dataclass(frozen=True)
-class Entry:
-    """The entry point as the worker will run it."""
-
-    kind: Literal["script", "module", "program"]
-    target: str
-    path: Path | None
-
-
-def locate_entry(entry: Sequence[str], paths: Paths | None = None) -> Entry:
-    """Find the entry's file without running it; EntryPointNotFound if it is not there."""
-    from smdist.errors import EntryPointNotFound
-
-    if not entry:
-        raise EntryPointNotFound("no entry point given: smdist-run [OPTIONS] SCRIPT [ARGS...]")
-    if entry[0] == "-m":
-        if len(entry) < 2:
-            raise EntryPointNotFound("-m needs a module name: smdist-run -m package.module")
-        name = entry[1]
-        file = _module_file(name, [os.getcwd(), *sys.path])
-        if file is None:
-            raise EntryPointNotFound(
-                f"module {name!r} not found on sys.path (working directory {os.getcwd()})"
-            )
-        return Entry("module", name, file)
-    target = entry[0]
-    candidates = [Path(target)]
-    if paths is not None and not Path(target).is_absolute():
-        candidates.append(paths.code_dir / target)
-    for c in candidates:
-        if c.is_file():
-            python = c.suffix == ".py" or _has_python_shebang(c)
-            return Entry("script" if python else "program", target, c)
-        if c.is_dir():
-            raise EntryPointNotFound(f"{c}: is a directory, not a script")
-    where = " or ".join(str(c if c.is_absolute() else Path(os.getcwd(), c)) for c in candidates)
-    raise EntryPointNotFound(f"{target}: no such file (looked for {where})")
-
-
 def _has_python_shebang(path: Path) -> bool:
     try:
         with path.open("rb") as f:
@@ -318,24 +279,25 @@ def _module_file(name: str, search: list[str]) -> Path | None:
     return Path(spec.origin) if spec.origin and spec.has_location else None
 
 
-def check_entry(entry: Sequence[str], paths: Paths | None = None) -> tuple[Check, Entry | None]:
+def check_entry(entry: Sequence[str], paths: Paths | None = None) -> tuple[Check, Path | None]:
+    """The entry as the agent resolves it (``entry.resolve``); the Python file whose imports
+    to check, if any (a ``-m`` module's file, a script, a program with a python shebang)."""
     try:
-        found = locate_entry(entry, paths)
+        found = entries.resolve(entry, code_dir=paths.code_dir if paths else None)
     except SmdistError as exc:
         return Check("entry point", "fail", str(exc), exc.category), None
-    if found.kind == "program":
-        if found.path is not None and not os.access(found.path, os.X_OK):
-            return (
-                Check(
-                    "entry point",
-                    "fail",
-                    f"{found.path}: not a Python script and not executable (chmod +x)",
-                    Category.PERMISSION_DENIED,
-                ),
-                found,
+    if found.kind == "module":
+        file = _module_file(found.target, [os.getcwd(), *sys.path])
+        if file is None:
+            detail = (
+                f"module {found.target!r} not found on sys.path (working directory {os.getcwd()})"
             )
-        return Check("entry point", "ok", f"{found.path} (a program; imports not checked)"), found
-    return Check("entry point", "ok", f"{found.path}"), found
+            return Check("entry point", "fail", detail, Category.ENTRY_POINT_NOT_FOUND), None
+        return Check("entry point", "ok", f"{file}"), file
+    path = Path(found.target)
+    if found.kind == "program" and not _has_python_shebang(path):
+        return Check("entry point", "ok", f"{path} (a program; imports not checked)"), None
+    return Check("entry point", "ok", f"{path}"), path
 
 
 def check_imports(script: Path, local_root: Path | None = None) -> Check:
@@ -431,31 +393,6 @@ def _user_name() -> str:
         return f"uid {uid}"
 
 
-def gpu_count(environ: Mapping[str, str] | None = None) -> tuple[int, str]:
-    """Visible GPUs and how that was known, without importing torch."""
-    env = os.environ if environ is None else environ
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        ids = [v for v in visible.split(",") if v.strip()]
-        if not ids or ids[0].strip() == "-1" or visible.strip() == "NoDevFiles":
-            return 0, "CUDA_VISIBLE_DEVICES hides every GPU"
-        return len(ids), "CUDA_VISIBLE_DEVICES"
-    smi = shutil.which("nvidia-smi", path=env.get("PATH"))
-    if smi:
-        try:
-            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10)
-            if out.returncode == 0:
-                return sum(
-                    1 for ln in out.stdout.splitlines() if ln.startswith("GPU ")
-                ), "nvidia-smi"
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    gpus = Path("/proc/driver/nvidia/gpus")
-    if gpus.is_dir():
-        return sum(1 for _ in gpus.iterdir()), "/proc/driver/nvidia"
-    return 0, "no NVIDIA driver"
-
-
 def check_gpus(n: int, how: str) -> Check:
     if n == 0:
         return Check("GPUs", "ok", f"none visible ({how}): workers train on CPU")
@@ -531,11 +468,12 @@ def quick_checks(config: JobConfig | Paths, entry: Sequence[str]) -> list[Check]
     """The checks that cost well under a second: the agent runs them before every start."""
     paths = config if isinstance(config, Paths) else config.paths
     checks: list[Check] = []
-    entry_check, found = check_entry(entry, paths)
+    entry_check, python_file = check_entry(entry, paths)
     checks.append(entry_check)
-    if found is not None and found.kind != "program" and found.path is not None:
-        root = Path.cwd() if found.kind == "module" else None  # as `python -m` puts it first
-        checks.append(check_imports(found.path, root))
+    if python_file is not None:
+        module = bool(entry) and entry[0] == "-m"
+        root = Path.cwd() if module else None  # as `python -m` puts it first
+        checks.append(check_imports(python_file, root))
     checks.append(check_writable(paths.model_dir, "model dir"))
     checks.append(check_writable(paths.output_dir, "output dir"))
     return checks

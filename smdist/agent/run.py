@@ -9,7 +9,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -95,25 +95,32 @@ def _stopped(paths: cfg.Paths, host: str, stop: stages.StopRequested) -> int:
     stages.enter("the report", interruptible=False)
     log.error("%s: stopping", stop.describe(host))
     error = stages.Stopped(stop.describe(host), stop.exit_code)
-    failure.report(paths, [], current_host=host, smdist_error=error)
+    write.report(paths, [], current_host=host, smdist_error=error)
     return stop.exit_code
 
 
-def _resolve_addresses(opts: AgentOptions, config: cfg.JobConfig) -> dict[str, str]:
-    hosts = config.resource.hosts
+def resolve_addresses(
+    hosts: Sequence[str],
+    *,
+    given: Mapping[str, str] | None,
+    nameserver: str | None,
+    timeout_s: float,
+) -> dict[str, str]:
+    """The job's host -> address, as the agent and ``--check`` find them: one host is this
+    machine; ``--host-addresses`` win; else DNS (``--nameserver`` or SMDIST_NAMESERVER)."""
     if len(hosts) == 1:
         return {hosts[0]: "127.0.0.1"}
-    if opts.host_addresses is not None:
-        missing = [h for h in hosts if h not in opts.host_addresses]
+    if given is not None:
+        missing = [h for h in hosts if h not in given]
         if missing:
             raise SmdistError(f"no address given for {', '.join(missing)}")
-        return {h: opts.host_addresses[h] for h in hosts}
-    from smdist.agent import discovery
+        return {h: given[h] for h in hosts}
+    from smdist.agent import discovery  # dnspython: only when there is DNS to ask
 
-    nameserver = opts.nameserver or os.environ.get("SMDIST_NAMESERVER")
+    server = nameserver or os.environ.get(discovery.NAMESERVER_ENV)
     policy = discovery.DnsPolicy(
-        timeout_s=opts.dns_timeout_s,
-        nameserver=discovery.parse_nameserver(nameserver) if nameserver else None,
+        timeout_s=timeout_s,
+        nameserver=discovery.parse_nameserver(server) if server else None,
     )
     return discovery.resolve_hosts(hosts, policy, log)
 
@@ -153,7 +160,7 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
 
         code.fetch(config.paths, config.hyperparameters)
     stages.enter("the preflight checks")
-    entry = entries.resolve(opts.entry, opts.entry_base_dir)
+    entry = entries.resolve(opts.entry, opts.entry_base_dir, config.paths.code_dir)
     install = _dependencies(config, entry)
     _preflight(config, entry)
     if opts.hyperparameter_args:
@@ -163,7 +170,12 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     nproc, source = backend.processes_per_host(opts.nproc_per_host, gpus)
     log.info("processes per host: %d (%s)", nproc, source)
     stages.enter("the DNS wait")
-    addresses = _resolve_addresses(opts, config)
+    addresses = resolve_addresses(
+        config.resource.hosts,
+        given=opts.host_addresses,
+        nameserver=opts.nameserver,
+        timeout_s=opts.dns_timeout_s,
+    )
     stages.enter("the rendezvous wait")
     plan, coordinator = rendezvous(
         res.current_host, res.hosts, nproc, addresses, opts.rdzv, check_outputs=_check_model_dirs

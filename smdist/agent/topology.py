@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,26 +82,54 @@ def build_layout(nproc_by_host: Mapping[str, int]) -> Layout:
     return Layout(tuple(slots))
 
 
-def visible_gpus(environ: Mapping[str, str] | None = None, dev: Path = Path("/dev")) -> int:
-    """GPUs this container can use, without importing torch.
+# What CUDA accepts in CUDA_VISIBLE_DEVICES: an index or a GPU / MIG UUID.
+_CUDA_DEVICE = re.compile(r"\d+|GPU-[\w-]+|MIG-[\w/-]+")
 
-    CUDA_VISIBLE_DEVICES wins (as CUDA reads it: up to the first invalid entry);
-    else the NVIDIA device nodes.
+
+def gpu_count(
+    environ: Mapping[str, str] | None = None, dev: Path = Path("/dev")
+) -> tuple[int, str]:
+    """GPUs this container can use and how that was known, without importing torch.
+
+    CUDA_VISIBLE_DEVICES wins (as CUDA reads it: up to the first invalid entry); else the
+    NVIDIA device nodes; else the driver's /proc entries; else ``nvidia-smi -L``.
     """
     env = os.environ if environ is None else environ
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         count = 0
         for item in visible.split(","):
-            item = item.strip()
-            if not item or item.startswith("-"):
+            if not _CUDA_DEVICE.fullmatch(item.strip()):
                 break
             count += 1
-        return count
+        return count, "CUDA_VISIBLE_DEVICES"
     try:
-        return sum(1 for p in dev.iterdir() if re.fullmatch(r"nvidia\d+", p.name))
+        nodes = sum(1 for p in dev.iterdir() if re.fullmatch(r"nvidia\d+", p.name))
     except OSError:
-        return 0
+        nodes = 0
+    if nodes:
+        return nodes, f"{dev}/nvidia*"
+    proc = Path("/proc/driver/nvidia/gpus")
+    if proc.is_dir():
+        return sum(1 for _ in proc.iterdir()), str(proc)
+    return _nvidia_smi(env)
+
+
+def _nvidia_smi(env: Mapping[str, str]) -> tuple[int, str]:
+    smi = shutil.which("nvidia-smi", path=env.get("PATH"))
+    if smi:
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return 0, "nvidia-smi did not answer"
+        if out.returncode == 0:
+            return sum(1 for ln in out.stdout.splitlines() if ln.startswith("GPU ")), "nvidia-smi"
+    return 0, "no NVIDIA driver"
+
+
+def visible_gpus(environ: Mapping[str, str] | None = None, dev: Path = Path("/dev")) -> int:
+    """How many GPUs this container can use (``gpu_count`` without the source)."""
+    return gpu_count(environ, dev)[0]
 
 
 def processes_per_host(flag: str, gpus: int) -> int:
