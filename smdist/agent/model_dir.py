@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -38,20 +38,23 @@ class ModelDirClash(SmdistError):
         )
 
 
+def _walk(directory: Path) -> Iterator[Path]:
+    """Every file name under ``directory`` (symlinked directories are not entered)."""
+    if not directory.is_dir():
+        return
+    for dirpath, _dirnames, filenames in os.walk(directory):
+        for fname in filenames:
+            yield Path(dirpath, fname)
+
+
 def remove_temp_files(directory: Path) -> list[Path]:
     """Delete the temp files of writes that never finished (a killed writer).
 
     Call only when no worker is writing: the agent does, after its workers exit.
     """
-    removed: list[Path] = []
-    if not directory.is_dir():
-        return removed
-    for dirpath, _dirnames, filenames in os.walk(directory):
-        for fname in filenames:
-            p = Path(dirpath, fname)
-            if contract.is_temp_file(p):
-                p.unlink(missing_ok=True)
-                removed.append(p)
+    removed = [p for p in _walk(directory) if contract.is_temp_file(p)]
+    for p in removed:
+        p.unlink(missing_ok=True)
     return removed
 
 
@@ -73,21 +76,17 @@ def inventory(model_dir: Path) -> Inventory:
     (tar follows them the same way as a reader would); symlinked dirs are not entered.
     """
     result: Inventory = {}
-    if not model_dir.is_dir():
-        return result
-    for dirpath, _dirnames, filenames in os.walk(model_dir):
-        for fname in filenames:
-            p = Path(dirpath, fname)
-            if contract.is_temp_file(p):
+    for p in _walk(model_dir):
+        if contract.is_temp_file(p):
+            continue
+        try:
+            if not p.is_file():
                 continue
-            try:
-                if not p.is_file():
-                    continue
-                size = p.stat().st_size
-                digest = _sha256(p)
-            except FileNotFoundError:  # renamed or removed while we walked
-                continue
-            result[p.relative_to(model_dir).as_posix()] = (size, digest)
+            size = p.stat().st_size
+            digest = _sha256(p)
+        except FileNotFoundError:  # renamed or removed while we walked
+            continue
+        result[p.relative_to(model_dir).as_posix()] = (size, digest)
     return result
 
 
