@@ -176,17 +176,23 @@ HYDRA = {  # what MPICH's / Intel MPI's Hydra gives rank 3 of 4, two per host
 }
 
 
-def test_a_rank_started_by_mpich_or_intel_mpi(tmp_path: Path, script: Path) -> None:
-    # Not installed here: the rank gets Hydra's variables by hand (see the module docstring).
+def run_plainly(script: Path, tmp_path: Path, opt_ml: Path, **variables: str) -> dict[str, Any]:
+    """``python script.py`` with only ``variables`` from a launcher: the rank's report."""
     out = tmp_path / "out"
     out.mkdir()
-    opt_ml = make_tree(tmp_path / "opt_ml", current_host="algo-2", hosts=["algo-1", "algo-2"])
-    e = clean_env(out, SMDIST_OPT_ML=str(opt_ml), **HYDRA)
+    e = clean_env(out, SMDIST_OPT_ML=str(opt_ml), **variables)
     r = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=e
     )
     assert r.returncode == 0, r.stderr
-    rep = reports(out)[3]
+    (rep,) = reports(out).values()
+    return rep
+
+
+def test_a_rank_started_by_mpich_or_intel_mpi(tmp_path: Path, script: Path) -> None:
+    # Not installed here: the rank gets Hydra's variables by hand (see the module docstring).
+    opt_ml = make_tree(tmp_path / "opt_ml", current_host="algo-2", hosts=["algo-1", "algo-2"])
+    rep = run_plainly(script, tmp_path, opt_ml, **HYDRA)
     assert rep["class"] == "Pmi"
     assert (rep["rank"], rep["world_size"], rep["local_rank"]) == (3, 4, 1)
     assert (rep["local_world_size"], rep["node_rank"], rep["host"]) == (2, 1, "algo-2")
@@ -205,14 +211,7 @@ def test_a_rank_started_by_mpich_or_intel_mpi(tmp_path: Path, script: Path) -> N
 
 
 def test_a_script_run_directly(tmp_path: Path, script: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    e = clean_env(out, SMDIST_OPT_ML=str(make_tree(tmp_path / "opt_ml")))
-    r = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=e
-    )
-    assert r.returncode == 0, r.stderr
-    rep = reports(out)[0]
+    rep = run_plainly(script, tmp_path, make_tree(tmp_path / "opt_ml"))
     assert rep["class"] == "Direct"
     assert (rep["rank"], rep["world_size"], rep["local_rank"], rep["node_rank"]) == (0, 1, 0, 0)
     assert not rep["launched"] and not rep["external"]  # the decorator relaunches itself
