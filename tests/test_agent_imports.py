@@ -87,3 +87,18 @@ def test_a_running_agent_imports_no_torch_or_worker_module(tmp_path: Path) -> No
     imported = {m.group(1) for line in r.stderr.splitlines() if (m := _IMPORTTIME.match(line))}
     assert {"smdist.agent.supervisor", "smdist.agent.report.write"} <= imported
     assert forbidden(imported) == []
+
+
+def test_the_worker_api_imports_nothing_of_the_agent() -> None:
+    code = (
+        "import json, sys, smdist\n"
+        "smdist.fail, smdist.main, smdist.save, smdist.channel\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env()
+    )
+    assert r.returncode == 0, r.stderr
+    modules = json.loads(r.stdout)
+    assert "smdist.worker.fail" in modules
+    assert [m for m in modules if m.startswith("smdist.agent") or m == "torch"] == []
