@@ -54,6 +54,12 @@ class JobEvent:
     failure: dict[str, Any] | None = None
     """The root-cause worker's ``WorkerFailure.to_dict()``, so every host can classify it."""
 
+    @staticmethod
+    def lost(host: str, why: str) -> JobEvent:
+        """``host`` stopped responding (its container was killed, its agent died)."""
+        headline = f"HostLost: host {host} stopped responding ({why})"
+        return JobEvent(kind="lost", host=host, headline=headline, exit_code=1, time=time.time())
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
@@ -371,13 +377,7 @@ def _host_gone(server: StoreServer, host: str) -> None:
     the job already has one), so it wins over its victims' collective errors."""
     if server.local_get("plan") is None or server.local_get(f"left/{host}") is not None:
         return
-    event = JobEvent(
-        kind="lost",
-        host=host,
-        headline=f"HostLost: host {host} stopped responding (its agent's connection closed)",
-        exit_code=1,
-        time=time.time(),
-    )
+    event = JobEvent.lost(host, "its agent's connection closed")
     server.local_compare_set(ABORT, None, event.to_json())
 
 
@@ -497,13 +497,7 @@ class StoreCoordinator:
         thread.start()
 
     def _lost(self, host: str, why: str) -> JobEvent:
-        event = JobEvent(
-            kind="lost",
-            host=host,
-            headline=f"HostLost: host {host} stopped responding ({why})",
-            exit_code=1,
-            time=time.time(),
-        )
+        event = JobEvent.lost(host, why)
         if host == self.layout.master:
             return self._set_event(event)  # its store went with it
         return self.report(event)
