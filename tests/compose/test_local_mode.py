@@ -12,9 +12,12 @@ dockerd. Assertions are on what the user sees: whether ``fit()`` raised, the log
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
 import shutil
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,3 +109,95 @@ def test_pytorch_estimator_with_torch_distributed(local_mode: LocalMode, tmp_pat
         distribution={"torch_distributed": {"enabled": True}},
     )
     assert_ddp_job(fit)
+
+
+# --------------------------------------------------------------------------- requirements.txt
+
+
+def probe_wheel(value: str) -> tuple[str, bytes]:
+    """A one-module wheel (``smdist_lm_probe``, ``VALUE = value``) that no index serves.
+
+    Built by hand (a wheel is a zip with three metadata files) so the test needs no build
+    backend; pip installs it from the source dir like any wheel a user ships.
+    """
+    name, version = "smdist_lm_probe", "1.0"
+    dist_info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}.py": f"VALUE = {value!r}\n".encode(),
+        f"{dist_info}/METADATA": (
+            f"Metadata-Version: 2.1\nName: smdist-lm-probe\nVersion: {version}\n"
+        ).encode(),
+        f"{dist_info}/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: smdist-tests\nRoot-Is-Purelib: true\n"
+            b"Tag: py3-none-any\n"
+        ),
+    }
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    record.append(f"{dist_info}/RECORD,,")
+    files[f"{dist_info}/RECORD"] = ("\n".join(record) + "\n").encode()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path, data in files.items():
+            zf.writestr(path, data)
+    return f"{name}-{version}-py3-none-any.whl", buf.getvalue()
+
+
+# pip inside the containers: no index (none is reachable), wheels from the source dir.
+OFFLINE_PIP = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/opt/ml/code/wheels"}
+
+
+def test_requirements_txt_is_installed_from_the_source_dir(
+    local_mode: LocalMode, tmp_path: Path
+) -> None:
+    wheel, data = probe_wheel("from-requirements")
+    fit = local_mode.fit(
+        "requirements",
+        source_dir=source_dir(
+            tmp_path,
+            "uses_requirement.py",
+            files={"requirements.txt": b"smdist-lm-probe==1.0\n", f"wheels/{wheel}": data},
+        ),
+        entry_point="uses_requirement.py",
+        environment=OFFLINE_PIP,
+    )
+    assert fit.ok, fit.logs()
+    records = {r["rank"]: r for r in json_members(fit, "data/requirement-").values()}
+    assert sorted(records) == [0, 1], (sorted(fit.output), fit.logs())
+    for rank, rec in records.items():
+        assert rec["host"] == fit.hosts[rank] and rec["value"] == "from-requirements", rec
+        # Installed into the image's environment, not imported from the mounted code dir.
+        assert "site-packages" in rec["module_file"], rec
+    for host in fit.hosts:  # pip ran on every host, its output relayed there
+        assert "smdist-lm-probe" in fit.container_logs[host], fit.logs()
+
+
+def test_a_requirement_that_does_not_exist_fails_every_host(
+    local_mode: LocalMode, tmp_path: Path
+) -> None:
+    # The script does not import the package: smdist's preflight must not get there first.
+    fit = local_mode.fit(
+        "requirement-missing",
+        source_dir=source_dir(
+            tmp_path,
+            "ddp.py",
+            files={"requirements.txt": b"# the job's extras\nsmdist-no-such-package==9.9\n"},
+        ),
+        entry_point="ddp.py",
+        environment=OFFLINE_PIP,
+    )
+    assert not fit.ok and fit.error_type == "RuntimeError", fit.logs()  # the SDK's "Failed to run"
+    # The FailureReason the user reads (output.tar.gz keeps the last host's failure file).
+    headline = fit.text("failure").splitlines()[0]
+    assert headline.startswith(
+        "DependencyInstallFailed: requirements.txt line 2 'smdist-no-such-package==9.9'"
+    ), headline
+    for host in fit.hosts:
+        log = fit.container_logs[host]
+        lines = [ln for ln in log.splitlines() if "DependencyInstallFailed" in ln]
+        assert lines, (host, fit.logs())
+        assert "smdist-no-such-package" in lines[0], lines
+        assert "Traceback" not in log, fit.logs()
+    assert not json_members(fit, "data/ranks/"), sorted(fit.output)  # the script never ran
