@@ -187,14 +187,28 @@ def is_torchelastic_record(data: Mapping[str, Any]) -> bool:
 TEMP_SUFFIX = ".smdist-tmp"
 
 
-def temp_path(target: Path) -> Path:
-    """A fresh temporary name beside ``target``: hidden, unique, recognisable."""
-    return target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+_TEMP_OWNER = re.compile(r"~(?P<owner>[^~/]+)~\d+-[0-9a-f]+" + re.escape(TEMP_SUFFIX) + "$")
+
+
+def temp_path(target: Path, owner: str | None = None) -> Path:
+    """A fresh temporary name beside ``target``: hidden, unique, recognisable, and naming
+    its ``owner`` (the host writing; default ``SM_CURRENT_HOST``, else the host name). In a
+    directory shared between hosts each host's agent removes only its own."""
+    owner = owner or os.environ.get("SM_CURRENT_HOST") or os.uname().nodename
+    return target.with_name(
+        f".{target.name}~{owner}~{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    )
 
 
 def is_temp_file(path: Path) -> bool:
     """Whether ``path`` is the temporary file of an atomic write (in flight or abandoned)."""
     return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
+
+
+def temp_owner(path: Path) -> str | None:
+    """The host a temp file's write belongs to; None for a name without one."""
+    m = _TEMP_OWNER.search(path.name) if is_temp_file(path) else None
+    return m["owner"] if m else None
 
 
 @contextlib.contextmanager
@@ -205,14 +219,16 @@ def atomic_open(
     durable: bool = False,
     perms: int = 0o666,
     encoding: str = "utf-8",
+    owner: str | None = None,
 ) -> Iterator[IO[Any]]:
     """Open ``target`` for writing; it appears, complete, only when the block exits cleanly.
 
     A temporary file in the same directory, then a rename: a reader sees the old file or
     the whole new one. ``durable``: fsync the file and the directory (survives a crash).
+    ``owner``: the host writing (see :func:`temp_path`).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(target)
+    tmp = temp_path(target, owner)
     # O_EXCL: never share a temp file; 0o666 so the umask decides, as for a plain open().
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, perms)
     try:

@@ -1,25 +1,43 @@
 """The model dir at the exit barrier: temp files a killed writer left, and the clash check.
 
 SageMaker tars every host's /opt/ml/model into one ``model.tar.gz``; two hosts holding the
-same relative path with different content means one file silently wins. Each host's agent
-publishes an inventory (relative path, size, sha256) when its workers are done; the master's
-agent checks them before the job may succeed.
+same relative path with different content means one file silently wins. Once every host's
+workers are done, each host's agent publishes an inventory (relative path, size, sha256);
+the master's agent checks them before the job may succeed.
+
+A model dir *shared* between hosts (local mode mounts one directory into every container;
+EFS and FSx volumes do the same) is one directory, not several. Before joining the
+rendezvous each host writes a marker named with a random token into its model dir; the
+tokens travel in the rendezvous plan, and a host that finds another host's marker (by exact
+name: a fresh lookup, even on NFS) shares its model dir with that host. A marker from an
+earlier job cannot fool it: its token is not in this job's plan. The hosts sharing a
+directory report it once. Markers are removed when the agent leaves and never count as
+model files.
+
+Clean-up: an atomic write's temp file names the host that owns it; each host removes only
+its own, and only after every host's workers finished, so no save in flight on another host
+(or on this one, under mpirun) is lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from smdist import contract
+from smdist.config import Paths
 from smdist.contract import Category
 from smdist.errors import SmdistError
+from smdist.log import log
 
 _HASH_CHUNK = 1 << 20
+MARKER_PREFIX = ".smdist-marker-"
 
 
 class ModelDirClash(SmdistError):
@@ -47,12 +65,18 @@ def _walk(directory: Path) -> Iterator[Path]:
             yield Path(dirpath, fname)
 
 
-def remove_temp_files(directory: Path) -> list[Path]:
-    """Delete the temp files of writes that never finished (a killed writer).
+def remove_temp_files(directory: Path, owner: str | None = None) -> list[Path]:
+    """Delete the temp files of writes that never finished (a killed writer); with
+    ``owner``, only that host's (a directory may be shared between hosts).
 
-    Call only when no worker is writing: the agent does, after its workers exit.
+    Call only when none of the owner's workers is writing: the agent does, after every
+    host's workers exited.
     """
-    removed = [p for p in _walk(directory) if contract.is_temp_file(p)]
+    removed = [
+        p
+        for p in _walk(directory)
+        if contract.is_temp_file(p) and (owner is None or contract.temp_owner(p) == owner)
+    ]
     for p in removed:
         p.unlink(missing_ok=True)
     return removed
@@ -72,12 +96,13 @@ def _sha256(path: Path) -> str:
 def inventory(model_dir: Path) -> Inventory:
     """Relative path -> (size, sha256) of every regular file under ``model_dir``.
 
-    Temp files of atomic writes are skipped; symlinks to files count as the file
-    (tar follows them the same way as a reader would); symlinked dirs are not entered.
+    Temp files of atomic writes and the agents' markers are skipped; symlinks to files count
+    as the file (tar follows them the same way as a reader would); symlinked dirs are not
+    entered.
     """
     result: Inventory = {}
     for p in _walk(model_dir):
-        if contract.is_temp_file(p):
+        if contract.is_temp_file(p) or p.name.startswith(MARKER_PREFIX):
             continue
         try:
             if not p.is_file():
@@ -167,3 +192,59 @@ def check_clashes(inventories: Mapping[str, Mapping[str, tuple[int, str]]]) -> l
     if failing:
         raise ModelDirClash(failing)
     return warnings
+
+
+class ModelDir:
+    """This host's /opt/ml/model (and checkpoint dir) in a job of ``hosts``."""
+
+    def __init__(self, paths: Paths, host: str, hosts: Sequence[str]) -> None:
+        self.paths = paths
+        self.host = host
+        self.hosts = tuple(hosts)
+        self.token = secrets.token_hex(8)
+        self.marker = paths.model_dir / f"{MARKER_PREFIX}{host}-{self.token}"
+        self.sharing: tuple[str, ...] = (host,)
+        """The hosts whose model dir is this very directory (this one included), sorted."""
+
+    def mark(self) -> None:
+        """Leave this host's marker (before joining the rendezvous: every host's marker
+        exists once the plan is out)."""
+        if len(self.hosts) == 1:
+            return
+        try:
+            self.paths.model_dir.mkdir(parents=True, exist_ok=True)
+            self.marker.write_text(self.host, encoding="utf-8")
+        except OSError as exc:  # the preflight check names an unwritable dir; not fatal here
+            log.warning("model dir: cannot write %s (%s)", self.marker, exc.strerror or exc)
+
+    def unmark(self) -> None:
+        with contextlib.suppress(OSError):
+            self.marker.unlink(missing_ok=True)
+
+    def detect(self, tokens: Mapping[str, str]) -> None:
+        """Which hosts' markers (``tokens`` from the plan) are in this host's model dir."""
+        seen = [
+            h
+            for h, token in tokens.items()
+            if h != self.host
+            and token
+            and (self.paths.model_dir / f"{MARKER_PREFIX}{h}-{token}").is_file()
+        ]
+        self.sharing = tuple(sorted({self.host, *seen}))
+        if seen:
+            log.info(
+                "model dir %s is shared with %s: one directory, reported once (by %s)",
+                self.paths.model_dir,
+                ", ".join(sorted(seen)),
+                self.sharing[0],
+            )
+
+    def finish(self) -> Inventory:
+        """After every host's workers finished: remove this host's abandoned temp files and
+        return the inventory for the clash check (empty when another host reports it)."""
+        for d in (self.paths.model_dir, self.paths.checkpoints_dir):
+            for path in remove_temp_files(d, owner=self.host):
+                log.info("removed %s, left by a write that never finished", path)
+        if len(self.hosts) == 1 or self.sharing[0] != self.host:
+            return {}  # nothing to clash with, or the same files reported by another host
+        return inventory(self.paths.model_dir)

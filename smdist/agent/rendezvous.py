@@ -29,7 +29,9 @@ from smdist.log import log
 ABORT = "abort"
 ALL_DONE = "alldone"
 FINISHED_ALL = "finishedall"
+FINISHED = "done/"
 INVENTORY = "inventory/"
+INVENTORIED_ALL = "inventoriedall"
 PUBLISHED = "pub/"  # keys of Coordinator.publish, apart from the coordinator's own
 STOP_NOTICE_S = 1.0
 """How long a host stopped at the rendezvous spends telling the others (bounded: a stop
@@ -85,6 +87,8 @@ class JobPlan:
     master_port: int
     addresses: Mapping[str, str] = field(default_factory=dict)
     """Every host's address as this agent resolved it (the MPI backend's mpirun uses them)."""
+    tokens: Mapping[str, str] = field(default_factory=dict)
+    """Each host's random token for this job (the name of its model-dir marker)."""
 
 
 class Coordinator(Protocol):
@@ -95,9 +99,10 @@ class Coordinator(Protocol):
 
     def start_watch(self, notify: Callable[[], None]) -> None: ...
 
-    def finished(self, inventory: Inventory | None = None) -> None:
-        """This host's workers all exited 0: enter the exit barrier with its model-dir
-        inventory (checked for clashes between hosts before the job may succeed)."""
+    def finished(self) -> None:
+        """This host's workers all exited 0: enter the exit barrier. Once every host is
+        there, each takes its model-dir inventory (the rendezvous' ``take_inventory``),
+        checked for clashes between hosts before the job may succeed."""
 
     def all_done(self) -> bool: ...
 
@@ -129,7 +134,8 @@ class Coordinator(Protocol):
 class LocalCoordinator:
     """One host: events stay in this process."""
 
-    def __init__(self) -> None:
+    def __init__(self, take_inventory: Callable[[], Inventory] | None = None) -> None:
+        self._take_inventory = take_inventory
         self._event: JobEvent | None = None
         self._done = False
         self._published: dict[str, str] = {}
@@ -145,7 +151,9 @@ class LocalCoordinator:
     def start_watch(self, notify: Callable[[], None]) -> None:
         pass
 
-    def finished(self, inventory: Inventory | None = None) -> None:
+    def finished(self) -> None:
+        if self._take_inventory is not None:
+            self._take_inventory()  # its clean-up: nobody to compare the inventory with
         self._done = True
 
     def all_done(self) -> bool:
@@ -286,8 +294,14 @@ def rendezvous(
     addresses: Mapping[str, str],
     settings: RendezvousSettings,
     check_outputs: CheckOutputs | None = None,
+    take_inventory: Callable[[], Inventory] | None = None,
+    token: str = "",
 ) -> tuple[JobPlan, Coordinator]:
-    """Meet the other hosts' agents; return the job's plan and its coordinator."""
+    """Meet the other hosts' agents; return the job's plan and its coordinator.
+
+    ``take_inventory``: this host's model-dir inventory, taken once every host's workers
+    finished; ``check_outputs`` (the master's) judges them all. ``token``: this host's
+    random token, handed to every host in the plan."""
     ordered = sorted_hosts(hosts)
     master = master_host(ordered)
     if len(ordered) == 1:
@@ -298,7 +312,7 @@ def rendezvous(
             check_port_free(port, "worker MASTER_PORT", current_host)
         return (
             JobPlan(build_layout({current_host: nproc}), "127.0.0.1", port),
-            LocalCoordinator(),
+            LocalCoordinator(take_inventory),
         )
     master_addr = addresses[master]
     where = f"{master} ({master_addr}:{settings.port})"
@@ -311,7 +325,10 @@ def rendezvous(
         connect_to = master_addr
     try:
         ctl = StoreClient(connect_to, settings.port, settings.timeout_s, master)
-        ctl.set(f"host/{current_host}", json.dumps({"nproc": nproc, "hosts": list(ordered)}))
+        ctl.set(
+            f"host/{current_host}",
+            json.dumps({"nproc": nproc, "hosts": list(ordered), "token": token}),
+        )
         host_keys = [f"host/{h}" for h in ordered]
         log.info(
             "joined the rendezvous on %s; waiting for %s",
@@ -322,6 +339,7 @@ def rendezvous(
             _wait_logged(ctl, host_keys, settings.timeout_s, "hosts", where)
             joined = ctl.prefix("host/")
             nprocs: dict[str, int] = {}
+            tokens: dict[str, str] = {}
             for h in ordered:
                 info = json.loads(joined[f"host/{h}"])
                 if tuple(info["hosts"]) != ordered:
@@ -330,12 +348,13 @@ def rendezvous(
                         "every host's resourceconfig.json must list the same hosts"
                     )
                 nprocs[h] = int(info["nproc"])
+                tokens[h] = str(info.get("token", ""))
             port = settings.master_port
             if port is None:
                 port = free_port()
             else:
                 check_port_free(port, "worker MASTER_PORT", current_host)
-            ctl.set("plan", json.dumps({"nproc": nprocs, "master_port": port}))
+            ctl.set("plan", json.dumps({"nproc": nprocs, "master_port": port, "tokens": tokens}))
         else:
             _wait_logged(ctl, ["plan"], settings.timeout_s, f"the plan of {master}", where)
         plan = json.loads(ctl.get("plan") or "{}")
@@ -365,9 +384,11 @@ def rendezvous(
         raise
     layout = build_layout(plan["nproc"])
     coordinator = StoreCoordinator(
-        current_host, layout, ctl, watch, server, settings, check_outputs
+        current_host, layout, ctl, watch, server, settings, check_outputs, take_inventory
     )
-    plan_ = JobPlan(layout, master_addr, int(plan["master_port"]), dict(addresses))
+    plan_ = JobPlan(
+        layout, master_addr, int(plan["master_port"]), dict(addresses), plan.get("tokens", {})
+    )
     return plan_, coordinator
 
 
@@ -393,6 +414,7 @@ class StoreCoordinator:
         server: StoreServer | None,
         settings: RendezvousSettings,
         check_outputs: CheckOutputs | None = None,
+        take_inventory: Callable[[], Inventory] | None = None,
     ) -> None:
         self.host = host
         self.layout = layout
@@ -405,6 +427,7 @@ class StoreCoordinator:
         self._closing = threading.Event()
         self._lock = threading.Lock()
         self._check_outputs = check_outputs
+        self._take_inventory = take_inventory
 
     def _set_event(self, event: JobEvent) -> JobEvent:
         with self._lock:
@@ -429,21 +452,37 @@ class StoreCoordinator:
 
     def unfinished(self) -> list[str]:
         try:
-            done = self._ctl.prefix(INVENTORY)
+            done = self._ctl.prefix(FINISHED)
         except StoreUnavailable:
             return []
-        return [h for h in self.layout.hosts if INVENTORY + h not in done]
+        return [h for h in self.layout.hosts if FINISHED + h not in done]
 
-    def finished(self, inventory: Inventory | None = None) -> None:
+    def finished(self) -> None:
         try:
-            self._ctl.set(INVENTORY + self.host, encode_inventory(inventory or {}).decode())
+            self._ctl.set(FINISHED + self.host, "1")
             if self._ctl.add("finished", 1) == len(self.layout.slots):
                 self._ctl.set(FINISHED_ALL, "1")
         except StoreUnavailable as exc:
             self._lost(self.layout.master, str(exc))
 
+    def _publish_inventory(self) -> None:
+        """Every host's workers finished (none writes any more, here, on a host sharing this
+        model dir, or under mpirun): take this host's inventory, hand it to the master."""
+        inventory: Inventory = {}
+        if self._take_inventory is not None:
+            try:
+                inventory = self._take_inventory()
+            except Exception as exc:  # an unreadable file must not hang the barrier
+                log.warning("model dir: no inventory from this host (%s)", exc)
+        try:
+            self._ctl.set(INVENTORY + self.host, encode_inventory(inventory).decode())
+            if self._ctl.add("inventoried", 1) == len(self.layout.slots):
+                self._ctl.set(INVENTORIED_ALL, "1")
+        except StoreUnavailable:
+            pass  # the watcher notices the master's store is gone
+
     def _verdict(self) -> None:
-        """Master only, once every host finished: check the model dirs, then release all."""
+        """Master only, once every host's inventory is in: check them, then release all."""
         items = self._watch.prefix(INVENTORY)
         try:
             inventories = {
@@ -505,6 +544,7 @@ class StoreCoordinator:
     def _watch_loop(self, notify: Callable[[], None]) -> None:
         s = self._settings
         peers = [h for h in self.layout.hosts if h != self.host]
+        inventoried = False
         verdict_given = False
         last_seen: dict[str, tuple[str | None, float]] = {
             h: (None, time.monotonic()) for h in peers
@@ -513,14 +553,23 @@ class StoreCoordinator:
             try:
                 self._watch.add(f"hb/{self.host}", 1)
                 keys = [ABORT, ALL_DONE]
-                if self._server is not None and not verdict_given:
+                if not inventoried:
                     keys.append(FINISHED_ALL)
+                if self._server is not None and not verdict_given:
+                    keys.append(INVENTORIED_ALL)
                 if self._watch.wait(keys, s.heartbeat_interval_s, all_keys=False):
+                    ended = self._watch.get(ABORT) is not None or self._watch.get(ALL_DONE)
+                    if not ended and not inventoried and self._watch.get(FINISHED_ALL):
+                        inventoried = True  # hashing may take a while: the beats go on
+                        threading.Thread(
+                            target=self._publish_inventory, name="smdist-inventory", daemon=True
+                        ).start()
+                        continue
                     if (
-                        self._server is not None
+                        not ended
+                        and self._server is not None
                         and not verdict_given
-                        and self._watch.get(ABORT) is None
-                        and self._watch.get(ALL_DONE) is None
+                        and self._watch.get(INVENTORIED_ALL)
                     ):
                         verdict_given = True
                         self._verdict()

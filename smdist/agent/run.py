@@ -177,24 +177,37 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
         timeout_s=opts.dns_timeout_s,
     )
     stages.enter("the rendezvous wait")
-    plan, coordinator = rendezvous(
-        res.current_host, res.hosts, nproc, addresses, opts.rdzv, check_outputs=_check_model_dirs
-    )
-    _log_plan(opts, backend.name, plan, entry.target)
+    model = model_dir.ModelDir(config.paths, res.current_host, res.hosts)
+    model.mark()  # before joining: every host's marker exists once the plan is out
     try:
-        stages.enter("the dependency install")
+        plan, coordinator = rendezvous(
+            res.current_host,
+            res.hosts,
+            nproc,
+            addresses,
+            opts.rdzv,
+            check_outputs=_check_model_dirs,
+            take_inventory=model.finish,
+            token=model.token,
+        )
+        model.detect(plan.tokens)
+        _log_plan(opts, backend.name, plan, entry.target)
         try:
-            _prepare_hosts(opts, config, plan, coordinator, install)
-        except stages.StopRequested:
+            stages.enter("the dependency install")
+            try:
+                _prepare_hosts(opts, config, plan, coordinator, install)
+            except stages.StopRequested:
+                raise
+            except BaseException:
+                coordinator.close()
+                raise
+            stages.enter("starting the workers")
+            return _launch(opts, config, backend, plan, coordinator, entry, gpus, started)
+        except stages.StopRequested as stop:
+            coordinator.stop_before_workers(stop_event(stop, res.current_host))
             raise
-        except BaseException:
-            coordinator.close()
-            raise
-        stages.enter("starting the workers")
-        return _launch(opts, config, backend, plan, coordinator, entry, gpus, started)
-    except stages.StopRequested as stop:
-        coordinator.stop_before_workers(stop_event(stop, res.current_host))
-        raise
+    finally:
+        model.unmark()
 
 
 def _launch(
@@ -228,7 +241,6 @@ def _launch(
             coordinator,
             grace_s=opts.grace_s,
             abort_grace_s=opts.abort_grace_s,
-            on_finished=lambda: _model_dir_inventory(config),
             identify=backend.identify,
         )
         outcome: Outcome | None = None
@@ -308,16 +320,6 @@ def _entry_point_name(config: cfg.JobConfig, entry: entries.Entry) -> str:
         except ValueError:
             pass
     return entry.name
-
-
-def _model_dir_inventory(config: cfg.JobConfig) -> Inventory:
-    """This host's /opt/ml/model as the master's clash check reads it (workers are done)."""
-    for d in (config.paths.model_dir, config.paths.checkpoints_dir):
-        for path in model_dir.remove_temp_files(d):
-            log.info("removed %s, left by a write that never finished", path)
-    if len(config.resource.hosts) == 1:
-        return {}  # nothing to clash with: don't hash the model dir for nobody
-    return model_dir.inventory(config.paths.model_dir)
 
 
 def _check_model_dirs(inventories: Mapping[str, Inventory]) -> JobEvent | None:

@@ -17,10 +17,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from smdist import contract
 from smdist.agent import stages
@@ -153,17 +153,14 @@ class Supervisor:
         *,
         grace_s: float,
         abort_grace_s: float,
-        on_finished: Callable[[], Mapping[str, Any]] | None = None,
         identify: Callable[[WorkerFailure], WorkerFailure] = lambda failure: failure,
     ) -> None:
-        """``on_finished``: this host's model-dir inventory for the exit barrier's clash
-        check. ``identify``: the backend's say on who failed (a launcher names its rank)."""
+        """``identify``: the backend's say on who failed (a launcher names its rank)."""
         self.host = host
         self.specs = list(specs)
         self.coordinator = coordinator
         self.grace_s = grace_s
         self.abort_grace_s = abort_grace_s
-        self.on_finished = on_finished
         self.identify = identify
         self.workers: list[Worker] = []
         self.state = State.RUNNING
@@ -396,7 +393,7 @@ class Supervisor:
     def _on_workers_gone(self) -> Outcome | None:
         """Every worker here has exited: enter the exit barrier, or end with the outcome."""
         if self.state is State.RUNNING:
-            self.coordinator.finished(self.on_finished() if self.on_finished else {})
+            self.coordinator.finished()
             self._enter(State.BARRIER, BARRIER_LOG_EVERY_S)
         if self.state is State.BARRIER:
             return self._on_barrier()

@@ -103,16 +103,19 @@ def _check_host(host: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_open(target: Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+def atomic_open(
+    target: Path, mode: str = "wb", encoding: str | None = None, owner: str | None = None
+) -> Iterator[IO[Any]]:
     """Open ``target`` for writing; it appears, complete, only when the block exits cleanly
-    (fsynced: a model file must survive the container's end)."""
+    (fsynced: a model file must survive the container's end). ``owner``: the host writing,
+    named in the temp file's name (default: ``SM_CURRENT_HOST``)."""
     if mode not in _WRITE_MODES:
         raise ArtifactError(
             f"mode {mode!r} for {target}: expected one of {', '.join(_WRITE_MODES)}"
         )
     binary = "b" in mode
     with contract.atomic_open(
-        target, binary=binary, durable=True, encoding=encoding or "utf-8"
+        target, binary=binary, durable=True, encoding=encoding or "utf-8", owner=owner
     ) as f:
         yield f
 
@@ -192,7 +195,7 @@ class Artifacts:
             with _discard(mode) as f:
                 yield f
         else:
-            with atomic_open(target, mode, encoding) as f:
+            with atomic_open(target, mode, encoding, owner=self.worker.host) as f:
                 yield f
 
     def _save(self, obj: Any, base: Path, name: str, scope: str, what: str) -> Path | None:
@@ -201,7 +204,7 @@ class Artifacts:
         target = self._target(base, name, scope, what)
         if target is None:
             return None
-        with atomic_open(target, "wb") as f:
+        with atomic_open(target, "wb", owner=self.worker.host) as f:
             torch.save(obj, f)
         return target
 
