@@ -124,6 +124,28 @@ def test_a_module_listed_in_requirements_is_a_warning(code: Path, opt_ml: Paths)
     assert imports.status == "warn" and "requirements.txt" in imports.detail
 
 
+def test_a_module_requirements_may_provide_under_another_name_is_a_warning(
+    code: Path, opt_ml: Paths
+) -> None:
+    # `import cv2` from opencv-python, `import yaml` from PyYAML: the install runs before
+    # the workers, and if it fails pip's error (a typo in requirements.txt) is the truth.
+    write(code / "requirements.txt", "opencv-python-headless==4.10\n")
+    write(code / "train.py", "import cv2\n")
+    imports = by_name(quick_checks(opt_ml, ["train.py"]))["imports"]
+    assert imports.status == "warn", imports
+    assert imports.detail == (
+        "not installed yet, may come with the requirements installed first: cv2 (train.py:1)"
+    )
+
+
+def test_a_missing_module_without_anything_to_install_still_fails(
+    code: Path, opt_ml: Paths
+) -> None:
+    write(code / "train.py", "import cv2\n")
+    imports = by_name(quick_checks(opt_ml, ["train.py"]))["imports"]
+    assert imports.status == "fail" and imports.category == "MissingDependency", imports
+
+
 def test_syntax_error_is_reported_with_its_line(code: Path, opt_ml: Paths) -> None:
     write(code / "train.py", "import os\n\ndef f(:\n    pass\n")
     imports = by_name(quick_checks(opt_ml, ["train.py"]))["imports"]

@@ -336,17 +336,27 @@ def check_imports(script: Path, local_root: Path | None = None) -> Check:
     def names(group: Mapping[str, list[ImportSite]]) -> str:
         return ", ".join(f"{m} ({s[0].where(base)})" for m, s in group.items())
 
-    if hard:
+    # An install runs before the workers: it may provide a module under another name
+    # (import cv2 <- opencv-python, yaml <- PyYAML), and if it fails, pip's own error is
+    # the truth (a typo in requirements.txt), not "add it to requirements.txt".
+    from smdist.agent.code import plan_install
+
+    install = plan_install(base) if hard else None
+    if hard and install is None:
         return Check(
             "imports",
             "fail",
             f"not installed: {names(hard)}; add to requirements.txt or the image",
             Category.MISSING_DEPENDENCY,
         )
-    soft = {m: s for m, s in missing.items() if m not in pending}
+    soft = {m: s for m, s in missing.items() if m not in pending and m not in hard}
     parts = []
     if pending:
         parts.append(f"not installed yet, listed in requirements.txt: {', '.join(sorted(pending))}")
+    if hard and install is not None:
+        parts.append(
+            f"not installed yet, may come with the {install.what} installed first: {names(hard)}"
+        )
     if soft:
         parts.append(f"not installed, imported only conditionally: {names(soft)}")
     return Check("imports", "warn", "; ".join(parts), None)

@@ -177,15 +177,16 @@ def test_requirements_txt_is_installed_from_the_source_dir(
 def test_a_requirement_that_does_not_exist_fails_every_host(
     local_mode: LocalMode, tmp_path: Path
 ) -> None:
-    # The script does not import the package: smdist's preflight must not get there first.
+    # The script imports a module requirements.txt does not name literally (as `import cv2`
+    # with opencv-python): the install runs first and its failure is the one reported.
     fit = local_mode.fit(
         "requirement-missing",
         source_dir=source_dir(
             tmp_path,
-            "ddp.py",
+            "uses_requirement.py",
             files={"requirements.txt": b"# the job's extras\nsmdist-no-such-package==9.9\n"},
         ),
-        entry_point="ddp.py",
+        entry_point="uses_requirement.py",
         environment=OFFLINE_PIP,
     )
     assert not fit.ok and fit.error_type == "RuntimeError", fit.logs()  # the SDK's "Failed to run"
@@ -200,4 +201,4 @@ def test_a_requirement_that_does_not_exist_fails_every_host(
         assert lines, (host, fit.logs())
         assert "smdist-no-such-package" in lines[0], lines
         assert "Traceback" not in log, fit.logs()
-    assert not json_members(fit, "data/ranks/"), sorted(fit.output)  # the script never ran
+    assert not json_members(fit, "data/requirement-"), sorted(fit.output)  # never ran
