@@ -10,7 +10,7 @@ from pathlib import Path
 
 from smdist import __version__
 from smdist import config as cfg
-from smdist.agent import stages
+from smdist.agent import settings, stages
 from smdist.agent.rendezvous import RendezvousSettings
 from smdist.errors import ConfigError, EntryPointNotFound, SmdistError
 from smdist.log import log, setup
@@ -18,121 +18,37 @@ from smdist.log import log, setup
 ENTRY_ENV = ("SMDIST_ENTRY", "SAGEMAKER_PROGRAM")
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"expected a TCP port (1-65535), got {text!r}")
-    return int(text)
-
-
-def _host_map(text: str) -> dict[str, str]:
-    pairs = {}
-    for item in text.split(","):
-        host, sep, addr = item.partition("=")
-        if not sep or not host or not addr:
-            raise argparse.ArgumentTypeError(
-                f"expected HOST=ADDRESS[,HOST=ADDRESS...], got {text!r}"
-            )
-        pairs[host] = addr
-    return pairs
-
-
 def _parser(prog: str, with_entry: bool) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Run a training script on every host of a SageMaker-style job.",
+        description="Run a training script on every host of a SageMaker-style job. Every "
+        "option can also be set by its SMDIST_<OPTION> environment variable (the option wins).",
         allow_abbrev=False,
     )
     p.add_argument("--version", action="version", version=f"smdist {__version__}")
-    p.add_argument("--opt-ml", metavar="DIR", help="the /opt/ml root (env SMDIST_OPT_ML)")
-    p.add_argument(
-        "--nproc-per-host",
-        default="auto",
-        metavar="auto|N",
-        help="workers per host (auto: one per GPU, 1 on CPU)",
-    )
-    p.add_argument(
-        "--backend",
-        choices=("torch", "mpi"),
-        help="torch, or mpi (the default when the sagemaker_mpi_enabled hyperparameter is true)",
-    )
-    p.add_argument(
-        "--simulate", metavar="HxP", help="run H simulated hosts x P processes on this machine"
-    )
-    p.add_argument(
-        "--work-dir", metavar="DIR", help="with --simulate: where the hosts' /opt/ml trees go"
-    )
-    p.add_argument(
-        "--rdzv-port", type=_port, default=29400, help="the master agent's rendezvous port"
-    )
-    p.add_argument("--master-port", type=_port, help="workers' MASTER_PORT (default: a free port)")
-    p.add_argument(
-        "--rdzv-timeout",
-        type=_seconds,
-        default=600.0,
-        metavar="S",
-        help="wait for all hosts to join",
-    )
-    p.add_argument(
-        "--dns-timeout",
-        type=_seconds,
-        default=900.0,
-        metavar="S",
-        help="wait for host names to resolve",
-    )
-    p.add_argument(
-        "--nameserver", metavar="HOST[:PORT]", help="DNS server to ask (env SMDIST_NAMESERVER)"
-    )
-    p.add_argument(
-        "--host-addresses", type=_host_map, metavar="H=ADDR,...", help="static addresses; skips DNS"
-    )
-    p.add_argument(
-        "--heartbeat-timeout",
-        type=_seconds,
-        default=10.0,
-        metavar="S",
-        help="declare a silent host lost",
-    )
-    p.add_argument(
-        "--grace", type=_seconds, default=90.0, metavar="S", help="after SIGTERM, before SIGKILL"
-    )
-    p.add_argument(
-        "--abort-grace",
-        type=_seconds,
-        default=5.0,
-        metavar="S",
-        help="after a failure, before SIGKILL",
-    )
-    p.add_argument(
-        "--install-timeout",
-        type=_seconds,
-        default=1800.0,
-        metavar="S",
-        help="how long pip may take to install the code dir's requirements",
-    )
-    p.add_argument(
-        "--no-hyperparameter-args",
-        action="store_true",
-        help="don't pass hyperparameters as --name value",
-    )
-    p.add_argument(
-        "--check",
-        action="store_true",
-        help="preflight only: config, hosts, entry, imports, dirs, GPUs, disk; train nothing",
-    )
+    settings.add_arguments(p)
     p.add_argument("-m", dest="module", metavar="MODULE", help="run a module, like python -m")
     if with_entry:
         p.add_argument("entry", nargs=argparse.REMAINDER, help="SCRIPT.py|PROGRAM [ARGS...]")
     return p
+
+
+def _parse(prog: str, with_entry: bool, args: list[str]) -> argparse.Namespace | int:
+    """Flags, then SMDIST_* variables, then defaults; a bad variable is a ConfigError with
+    a failure file (``docker run IMAGE train`` has no other way to say it)."""
+    ns = _parser(prog, with_entry).parse_args(args)
+    try:
+        resolved = settings.resolve(ns)
+    except ConfigError as exc:
+        setup("-")
+        log.error("%s", exc.headline())
+        from smdist.agent.report import write
+
+        write.write_failure_file(cfg.resolve_root(ns.opt_ml), exc.headline() + "\n")
+        return exc.exit_code
+    merged = argparse.Namespace(**{**vars(ns), **resolved.values})
+    merged.settings_line = resolved.describe()
+    return merged
 
 
 def _strip_sagemaker_train(args: list[str]) -> list[str]:
@@ -169,6 +85,7 @@ def _options(ns: argparse.Namespace, entry: list[str], base_dir: Path | None):  
         abort_grace_s=ns.abort_grace,
         hyperparameter_args=not ns.no_hyperparameter_args,
         install_timeout_s=ns.install_timeout,
+        settings_line=ns.settings_line,
     )
 
 
@@ -240,7 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``smdist-run [OPTIONS] SCRIPT.py|-m MODULE|PROGRAM [ARGS...]``."""
     stages.install()  # first: as PID 1, a signal without a handler is dropped
     args = list(sys.argv[1:] if argv is None else argv)
-    ns = _parser("smdist-run", with_entry=True).parse_args(args)
+    ns = _parse("smdist-run", True, args)
+    if isinstance(ns, int):
+        return ns
     entry: list[str] = list(ns.entry)
     if entry and entry[0] == "--":
         entry = entry[1:]
@@ -282,7 +201,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     """``train``: what SageMaker runs. The entry comes from the job, relative to /opt/ml/code."""
     stages.install()  # first: as PID 1, a signal without a handler is dropped
     args = list(sys.argv[1:] if argv is None else argv)
-    ns = _parser("train", with_entry=False).parse_args(args)
+    ns = _parse("train", False, args)
+    if isinstance(ns, int):
+        return ns
     paths = cfg.resolve_root(ns.opt_ml)
     try:
         target = _entry_from_job(paths)

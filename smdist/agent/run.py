@@ -56,6 +56,8 @@ class AgentOptions:
     hyperparameter_args: bool = True
     install_timeout_s: float = 1800.0
     """How long pip may take to install the code dir's requirements (or package)."""
+    settings_line: str = ""
+    """Which settings came from a flag or an SMDIST_* variable (logged once at start)."""
 
 
 def run(opts: AgentOptions) -> int:
@@ -72,6 +74,8 @@ def run(opts: AgentOptions) -> int:
         config = cfg.load(paths)
         host = config.resource.current_host
         setup(host)
+        if opts.settings_line:
+            log.info("settings: %s", opts.settings_line)
         return _run(opts, config, started)
     except SmdistError as exc:
         log.error("%s", exc.headline())

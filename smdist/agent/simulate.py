@@ -79,6 +79,12 @@ def run(
         port,
     )
     me = os.getpid()
+    # The simulation's own settings must not make each host's agent simulate again.
+    child_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("SMDIST_SIMULATE", "SMDIST_WORK_DIR", "SMDIST_CHECK")
+    }
     agents = []
     for tree in trees:
         argv = [
@@ -89,7 +95,9 @@ def run(
             "--host-addresses", addresses,
             *agent_flags, "--", *entry,
         ]  # fmt: skip
-        agents.append(subprocess.Popen(argv, preexec_fn=contract.exec_dying_with(me)))
+        agents.append(
+            subprocess.Popen(argv, env=child_env, preexec_fn=contract.exec_dying_with(me))
+        )
 
     def forward(signum: int, _frame: object) -> None:
         for a in agents:
