@@ -71,6 +71,10 @@ class Paths:
         return self.root / "output" / "failure"
 
     @property
+    def success_file(self) -> Path:
+        return self.root / "output" / "success"
+
+    @property
     def checkpoints_dir(self) -> Path:
         return self.root / "checkpoints"
 

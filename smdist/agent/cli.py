@@ -48,6 +48,7 @@ def _parse(prog: str, with_entry: bool, args: list[str]) -> argparse.Namespace |
         return exc.exit_code
     merged = argparse.Namespace(**{**vars(ns), **resolved.values})
     merged.settings_line = resolved.describe()
+    merged.settings_sources = resolved.sources
     return merged
 
 
@@ -86,6 +87,7 @@ def _options(ns: argparse.Namespace, entry: list[str], base_dir: Path | None):  
         hyperparameter_args=not ns.no_hyperparameter_args,
         install_timeout_s=ns.install_timeout,
         settings_line=ns.settings_line,
+        nproc_given=ns.settings_sources["nproc_per_host"] != "default",
     )
 
 

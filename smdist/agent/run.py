@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smdist import config as cfg
-from smdist.agent import backends, model_dir, sm_env, stages, topology
+from smdist.agent import backends, distribution, model_dir, network_env, sm_env, stages, topology
 from smdist.agent import entry as entries
 from smdist.agent.backends.base import Backend, Launch
 from smdist.agent.rendezvous import (
@@ -56,6 +56,8 @@ class AgentOptions:
     hyperparameter_args: bool = True
     install_timeout_s: float = 1800.0
     """How long pip may take to install the code dir's requirements (or package)."""
+    nproc_given: bool = False
+    """``nproc_per_host`` came from the flag or SMDIST_NPROC_PER_HOST, not the default."""
     settings_line: str = ""
     """Which settings came from a flag or an SMDIST_* variable (logged once at start)."""
 
@@ -71,6 +73,7 @@ def run(opts: AgentOptions) -> int:
         stages.enter("reading the job's config")
         # A failure file present at the end must be the user's own (smdist.fail).
         write.clear_failure_files(paths)
+        paths.success_file.unlink(missing_ok=True)  # only this run's success counts
         config = cfg.load(paths)
         host = config.resource.current_host
         setup(host)
@@ -158,6 +161,7 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     res = config.resource
     if not res.from_file:
         log.info("no %s: running as one host, algo-1", config.paths.resource_config_file)
+    dist = distribution.read(config)
     if config.hyperparameters.get("sagemaker_submit_directory"):
         stages.enter("the code fetch")
         from smdist.agent import code
@@ -171,7 +175,13 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
         entry = entry.with_args(sm_env.hyperparameter_args(config.user_hyperparameters))
     backend = backends.select(opts.backend, config)
     gpus = topology.visible_gpus()
-    nproc, source = backend.processes_per_host(opts.nproc_per_host, gpus)
+    rule = dist.nproc_rule(opts.nproc_per_host, opts.nproc_given)
+    if rule is not None:
+        nproc, source = 1, rule
+    else:
+        nproc, source = backend.processes_per_host(opts.nproc_per_host, gpus)
+        if dist.key is not None and not opts.nproc_given:
+            source = f"{dist.key}; {source}"
     log.info("processes per host: %d (%s)", nproc, source)
     stages.enter("the DNS wait")
     addresses = resolve_addresses(
@@ -234,6 +244,9 @@ def _launch(
         num_gpus=gpus,
         num_cpus=os.cpu_count() or 1,
     )
+    net = network_env.network_environment(config, os.environ)
+    env_sm.update(net.variables)  # the backends never override a variable the user set
+    log.info("network environment for the workers: %s", net.describe())
     memory_at_start = memory_snapshot()
     run_dir = Path(tempfile.mkdtemp(prefix="smdist-"))
     try:
@@ -354,6 +367,15 @@ def _preflight(config: cfg.JobConfig, entry: entries.Entry) -> None:
         raise failed.as_error()
 
 
+def _write_success_file(paths: cfg.Paths) -> None:
+    """``/opt/ml/output/success``, as the toolkit leaves it when training succeeded."""
+    try:
+        paths.output_dir.mkdir(parents=True, exist_ok=True)
+        paths.success_file.touch()
+    except OSError as exc:
+        log.warning("cannot write %s: %s", paths.success_file, exc.strerror or exc)
+
+
 def _report(
     config: cfg.JobConfig,
     outcome: Outcome,
@@ -365,6 +387,7 @@ def _report(
     if outcome.exit_code == 0:
         how = "stopped cleanly" if outcome.stopped else "finished"
         log.info("job %s on this host after %.1f s (exit 0)", how, elapsed)
+        _write_success_file(config.paths)
         return 0
     event = outcome.event
     root: failure.WorkerFailure | None = None
