@@ -29,6 +29,10 @@ from pathlib import Path
 from typing import IO, Any
 
 LAUNCHERS = ("floor", "smdist", "torchrun", "toolkit")
+SCRIPT_MODE = "smdist-script"
+"""smdist as SageMaker's script mode runs it (``train``, the entry from ``sagemaker_program``,
+``sagemaker_submit_directory`` set) with the code already in /opt/ml/code and an empty
+requirements.txt: nothing to fetch or install. Only in the start-up measurement."""
 WORKER = Path(__file__).with_name("worker.py").resolve()
 BIN = Path(sys.executable).parent
 TOOLKIT_MODULE = "sagemaker_pytorch_container.training:main"
@@ -48,6 +52,8 @@ def missing(launcher: str) -> str | None:
                 importlib.import_module(mod)
             except Exception as exc:  # the toolkit imports boto3 etc. at import time
                 return f"{mod} does not import ({exc}): pip install -e '.[bench]'"
+    if launcher == SCRIPT_MODE and not (BIN / "train").exists():
+        return f"no train next to {sys.executable}: pip install -e ."
     if launcher == "torchrun" and not (BIN / "torchrun").exists():
         return f"no torchrun next to {sys.executable}"
     return None
@@ -179,11 +185,40 @@ def _toolkit_tree(root: Path, host: int, hosts: int, nproc: int, args: list[str]
     return root
 
 
+def _script_mode_tree(root: Path, nproc: int, args: list[str]) -> list[str]:
+    """An /opt/ml tree for script mode with nothing to do; the ``train`` command line."""
+    config = root / "input" / "config"
+    config.mkdir(parents=True)
+    code = root / "code"
+    code.mkdir()
+    shutil.copy(WORKER, code / WORKER.name)
+    (code / "requirements.txt").write_text("# nothing to install\n")
+    (config / "resourceconfig.json").write_text(
+        json.dumps({"current_host": "algo-1", "hosts": ["algo-1"]})
+    )
+    hps: dict[str, Any] = {
+        "sagemaker_program": WORKER.name,
+        # Never fetched: /opt/ml/code is not empty, as when SageMaker has put the code there.
+        "sagemaker_submit_directory": "s3://bench-bucket/never-fetched/sourcedir.tar.gz",
+    }
+    for name, value in zip(args[::2], args[1::2], strict=True):
+        hps[name.removeprefix("--")] = value
+    (config / "hyperparameters.json").write_text(
+        json.dumps({k: json.dumps(v) for k, v in hps.items()})
+    )
+    return [str(BIN / "train"), "--opt-ml", str(root), "--nproc-per-host", str(nproc)]
+
+
 def _commands(
-    launcher: str, hosts: int, nproc: int, args: list[str], run_dir: Path
+    launcher: str,
+    hosts: int,
+    nproc: int,
+    args: list[str],
+    run_dir: Path,
+    extra_env: dict[str, str] | None = None,
 ) -> list[tuple[list[str], dict[str, str]]]:
     """(argv, env) of every top-level process."""
-    env = base_env()
+    env = {**base_env(), **(extra_env or {})}
     worker = [str(WORKER), *args]
     if launcher == "floor":
         port = str(free_port())
@@ -217,6 +252,10 @@ def _commands(
                 str(run_dir / "sim"),
             ]
         return [([*argv, "--", *worker], env)]
+    if launcher == SCRIPT_MODE:
+        if hosts != 1:
+            raise ValueError(f"{SCRIPT_MODE} runs one host only")
+        return [(_script_mode_tree(run_dir / "opt-ml", nproc, args), env)]
     if launcher == "torchrun":
         port = str(free_port())
         return [
@@ -255,13 +294,14 @@ def start(
     stdout: Path | None = None,
     mark: bytes | None = None,
     on_start: Callable[[Launch], None] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Launch:
     """Start one run; the worker gets ``--out`` (its records' folder) and ``args``."""
     run_dir = Path(os.path.realpath(work)) / f"{launcher}-{time.monotonic_ns()}"
     out = run_dir / "out"
     out.mkdir(parents=True)
     full = ["--out", str(out), *args]
-    cmds = _commands(launcher, hosts, nproc, full, run_dir)
+    cmds = _commands(launcher, hosts, nproc, full, run_dir, extra_env)
     stdout_f = open(stdout or run_dir / "stdout", "ab")  # noqa: SIM115 - children own it
     stderr_f = open(run_dir / "stderr", "wb")  # noqa: SIM115
     launch = Launch(launcher, hosts, nproc, out, run_dir, t0=time.time())

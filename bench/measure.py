@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.launchers import Launch, alive, start
+from bench.launchers import SCRIPT_MODE, Launch, alive, start
 
 TICK = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 180.0
@@ -405,6 +405,60 @@ def scale(plan: Plan, host_counts: list[int]) -> dict[str, Any]:
             _progress("scale", f"{hosts}x1", "smdist", r, run.get("rendezvous_s"))
         results[f"{hosts}x1"] = {"smdist": runs}
     return {"configs": results}
+
+
+# -- 7. start-up ------------------------------------------------------------------------
+
+TIMELINE = "smdist timeline:"
+
+
+def _timeline(launch: Launch) -> dict[str, float]:
+    """The agent's start-up steps (``SMDIST_TIMELINE=1``), in seconds since the launch."""
+    steps: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        for line in (launch.run_dir / "stderr").read_text(errors="replace").splitlines():
+            if line.startswith(TIMELINE):
+                parts = line[len(TIMELINE) :].split(maxsplit=3)  # clock, +ms, "ms", step
+                if len(parts) == 4:
+                    steps.setdefault(parts[3], float(parts[0]) - launch.t0)
+    return steps
+
+
+def startup(plan: Plan, launchers: tuple[str, ...]) -> dict[str, Any]:
+    """1 host x 1 trivial worker (no torch): launch -> the worker's first line, and -> the
+    launcher's exit. smdist's runs log its timeline, so each step's share is known; smdist
+    in script mode (code present, nothing to install) beside it."""
+    names = tuple(n for n in launchers if n in (*plan.launchers, SCRIPT_MODE))
+    per: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for r in range(plan.runs):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            smdist = name.startswith("smdist")
+            launch = start(
+                name,
+                1,
+                1,
+                ["--mode", "trivial"],
+                plan.work,
+                extra_env={"SMDIST_TIMELINE": "1"} if smdist else None,
+            )
+            run: dict[str, Any] = {"run": r}
+            try:
+                ended = launch.wait(120)
+                run["codes"] = _codes(launch)
+                first = launch.records("pid")
+                if ended and first:
+                    run["first_line_s"] = min(v["started"] for v in first.values()) - launch.t0
+                    run["exit_s"] = _exit_s(launch, launch.t0)
+                    if smdist:
+                        run["steps"] = _timeline(launch)
+                else:
+                    run["error"] = _stderr_tail(launch)
+            finally:
+                launch.cleanup()
+            per[name].append(run)
+            _progress("start-up", "1x1", name, r, run.get("first_line_s"))
+    return {"configs": {"1x1": per}}
 
 
 _reporter: Callable[[str], None] = print

@@ -22,7 +22,16 @@ from typing import Any
 from bench import launchers, measure, report
 
 ROOT = Path(__file__).resolve().parent.parent
-MEASUREMENTS = ("ready", "failure", "sigterm", "relay", "relay-errors", "overhead", "scale")
+MEASUREMENTS = (
+    "startup",
+    "ready",
+    "failure",
+    "sigterm",
+    "relay",
+    "relay-errors",
+    "overhead",
+    "scale",
+)
 # relay-errors (the toolkit's error-class scan) only on request: it adds minutes.
 DEFAULT = tuple(m for m in MEASUREMENTS if m != "relay-errors")
 
@@ -79,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error("no launcher left to measure")
     if "floor" not in usable:
         print("bench: no floor among --launchers: no ratios to the floor", file=sys.stderr)
+    # As pip install does: no launcher pays for compiling its own source on every start (an
+    # editable install under PYTHONDONTWRITEBYTECODE=1 would, every run).
+    import compileall
+
+    compileall.compile_dir(ROOT / "smdist", quiet=1)
     runs = ns.runs or (2 if ns.quick else 5)
     quick = ns.quick
     work = Path(tempfile.mkdtemp(prefix="smdist-bench-"))
@@ -89,7 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     borrowed = {"1x4": "sigterm", "2x2": "failure"}
     ready_configs = [(1, 1), (1, 2), (1, 4), (2, 2), (4, 1)]
     ready_configs = [c for c in ready_configs if borrowed.get(f"{c[0]}x{c[1]}") not in selected]
+    script_mode = () if launchers.missing(launchers.SCRIPT_MODE) else (launchers.SCRIPT_MODE,)
+    # The toolkit's start-up is its time-to-ready's; five more runs of it here add a minute.
+    startup_launchers = (
+        *(n for n in ("floor", "smdist") if n in usable),
+        *script_mode,
+        *(n for n in ("torchrun",) if n in usable),
+    )
     steps: dict[str, Callable[[], dict[str, Any]]] = {
+        "startup": lambda: measure.startup(plan, startup_launchers),
         "ready": lambda: measure.time_to_ready(plan, ready_configs),
         "failure": lambda: measure.failure(plan, [(1, 4), (2, 2)], cap_s=10.0, cap_hosts_s=3.0),
         "sigterm": lambda: measure.sigterm(plan, [(1, 4)], handler_s=0.3),

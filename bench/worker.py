@@ -9,14 +9,17 @@ its own clock.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import signal
-import sys
 import time
-from pathlib import Path
-from typing import Any
+
+STARTED = time.time()  # first: the start-up measurement's "first line of the worker"
+
+import argparse  # noqa: E402 - after the clock
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 LINE_BYTES = 100
 
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     rank = _rank()
-    _record(out, f"pid-{rank}")
+    _record(out, f"pid-{rank}", started=STARTED)
     if args.mode == "trivial":
         _record(out, f"ready-{rank}")
     elif args.mode == "log":

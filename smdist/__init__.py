@@ -5,11 +5,13 @@ Importing smdist is cheap (no torch): the agent and the worker bootstrap use it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False  # not typing's: every rank imports this package before its first line
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from smdist.worker.api import Context, init, main
     from smdist.worker.artifacts import (
         checkpoint_path,

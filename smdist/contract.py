@@ -13,17 +13,21 @@ Standard library only: the worker bootstrap imports it before the user's code ru
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
-import secrets
 import signal
-import sysconfig
+import site
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+
+# Every rank imports this module before its first line, and the agent before its first
+# rank: only cheap modules here (issue 18). ctypes is loaded where it is needed; secrets,
+# sysconfig, dataclasses and typing not at all.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import IO, Any
 
 # --- the variables the agent sets for every rank ---------------------------------------
 
@@ -101,11 +105,22 @@ RANK_VARIABLES = (
 # --- the run directory ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class RunDir:
     """The files one host's agent shares with its ranks, named once (submitit's ``JobPaths``)."""
 
-    path: Path
+    __slots__ = ("path",)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"RunDir(path={self.path!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunDir) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
 
     HOST_FILE = "host.json"
     """The MPI backend: this host's rank environment, read by ``smdist.worker.mpi_rank``."""
@@ -195,8 +210,10 @@ def temp_path(target: Path, owner: str | None = None) -> Path:
     its ``owner`` (the host writing; default ``SM_CURRENT_HOST``, else the host name). In a
     directory shared between hosts each host's agent removes only its own."""
     owner = owner or os.environ.get("SM_CURRENT_HOST") or os.uname().nodename
+    # os.urandom, as secrets.token_hex: nothing to import (a rank may have dropped the
+    # privileges to read the interpreter's library by the time it writes its record).
     return target.with_name(
-        f".{target.name}~{owner}~{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        f".{target.name}~{owner}~{os.getpid()}-{os.urandom(4).hex()}{TEMP_SUFFIX}"
     )
 
 
@@ -326,8 +343,19 @@ def write_failure_file(target: Path, text: str, *, exclusive: bool) -> bool:
 # --- processes --------------------------------------------------------------------------
 
 _PR_SET_PDEATHSIG = 1
-# Loaded now, never between fork and exec (dlopen in a forked child can deadlock).
-_LIBC = ctypes.CDLL(None, use_errno=True)
+_prctl: Callable[..., int] | None = None
+
+
+def _load_prctl() -> Callable[..., int]:
+    """libc's prctl through ctypes, loaded on first need (ctypes is not cheap to import):
+    in the parent before a fork (``exec_dying_with``), never between fork and exec (dlopen
+    in a forked child of a threaded process can deadlock)."""
+    global _prctl
+    if _prctl is None:
+        import ctypes
+
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return _prctl
 
 
 def die_with_parent(parent: int | None = None) -> bool:
@@ -336,12 +364,13 @@ def die_with_parent(parent: int | None = None) -> bool:
     Call it in the child (between fork and exec, or first thing). ``parent``: the pid the
     parent had; False when it is already gone (it died before the request took hold).
     """
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _load_prctl()(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     return parent is None or os.getppid() == parent
 
 
 def exec_dying_with(parent: int) -> Callable[[], None]:
     """A ``preexec_fn``: the child dies with ``parent`` (or exits at once, parent gone)."""
+    _load_prctl()  # here, in the parent
 
     def setup() -> None:  # between fork and exec
         if not die_with_parent(parent):
@@ -363,14 +392,23 @@ def exit_code(returncode: int) -> int:
 # --- whose code is it -------------------------------------------------------------------
 
 _SMDIST_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _site_packages() -> list[str]:
+    try:
+        return list(site.getsitepackages())
+    except AttributeError:  # an old virtualenv's site module
+        return []
+
+
 # Computed now, not at failure time: the worker may have dropped privileges or memory since.
+# sysconfig's stdlib/platstdlib/purelib/platlib without importing sysconfig: the standard
+# library's directory (lib-dynload is inside it), the prefix's (a venv's platstdlib) and
+# site's package directories.
+_PREFIX_LIB = os.path.join(sys.prefix, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}")
 _LIBRARY_DIRS = tuple(
     sorted(
-        {
-            os.path.abspath(p)
-            for key in ("stdlib", "platstdlib", "purelib", "platlib")
-            if (p := sysconfig.get_paths().get(key))
-        }
+        {os.path.abspath(p) for p in (os.path.dirname(os.__file__), _PREFIX_LIB, *_site_packages())}
     )
 )
 # Another interpreter's standard library or packages (a frame read back from a log).

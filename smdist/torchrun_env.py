@@ -24,7 +24,6 @@ adds the per-rank ones. Pure functions of their arguments, standard library only
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -67,7 +66,10 @@ def run_id(
     hp = hyperparameters.get(JOB_NAME_HYPERPARAMETER)
     if isinstance(hp, str) and hp:
         return hp, f"hyperparameter {JOB_NAME_HYPERPARAMETER}"
-    digest = hashlib.sha256(f"{master_addr}|{','.join(hosts)}".encode()).hexdigest()[:12]
+    import zlib  # a checksum, not hashlib: the same on every host, cheap to import
+
+    plan = f"{master_addr}|{','.join(hosts)}"
+    digest = f"{zlib.crc32(plan.encode()):08x}"
     return f"smdist-{digest}", "the master's address and the host list (no job name)"
 
 

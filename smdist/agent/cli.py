@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from smdist import __version__
+from smdist import __version__, timeline
 from smdist import config as cfg
 from smdist.agent import settings, stages
 from smdist.agent.rendezvous import RendezvousSettings
@@ -136,6 +136,7 @@ def _dispatch(ns: argparse.Namespace, entry: list[str], base_dir: Path | None) -
         return simulate.run(ns.simulate, ns.work_dir, entry, _agent_flags(ns), ns.opt_ml)
     from smdist.agent import run as agent
 
+    timeline.mark("arguments parsed, agent imported")
     return agent.run(_options(ns, entry, base_dir))
 
 
@@ -158,6 +159,7 @@ def _agent_flags(ns: argparse.Namespace) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """``smdist-run [OPTIONS] SCRIPT.py|-m MODULE|PROGRAM [ARGS...]``."""
     stages.install()  # first: as PID 1, a signal without a handler is dropped
+    timeline.mark("agent modules imported")
     args = list(sys.argv[1:] if argv is None else argv)
     ns = _parse("smdist-run", True, args)
     if isinstance(ns, int):
@@ -202,6 +204,7 @@ def _entry_from_job(paths: cfg.Paths) -> str:
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``train``: what SageMaker runs. The entry comes from the job, relative to /opt/ml/code."""
     stages.install()  # first: as PID 1, a signal without a handler is dropped
+    timeline.mark("agent modules imported")
     args = list(sys.argv[1:] if argv is None else argv)
     ns = _parse("train", False, args)
     if isinstance(ns, int):

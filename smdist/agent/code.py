@@ -13,16 +13,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
-import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -88,7 +83,9 @@ def fetch(
     local = uri.removeprefix("file://")
     if not uri.startswith("s3://") and Path(local).resolve() == code_dir.resolve():
         return False
+    import shutil
     import tarfile
+    import tempfile
 
     started = time.monotonic()
     code_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -261,6 +258,16 @@ def _is_package(code_dir: Path) -> bool:
     return re.search(r"^\s*\[build-system\]", text, re.MULTILINE) is not None
 
 
+def _lists_anything(requirements: Path) -> bool:
+    """Whether a requirements file has a line that is not blank or a comment: an empty one
+    costs no pip run (seconds of start-up) for nothing."""
+    try:
+        text = requirements.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return True  # pip will say what is wrong with it
+    return any(line.split("#", 1)[0].strip() for line in text.splitlines())
+
+
 def plan_install(code_dir: Path | None, packages: bool = True) -> Install | None:
     """The toolkit's rule: a package (setup.py, or pyproject.toml with a build system) is
     installed with ``pip install .``; else a requirements.txt with ``pip install -r``.
@@ -270,20 +277,23 @@ def plan_install(code_dir: Path | None, packages: bool = True) -> Install | None
         return None
     req = code_dir / REQUIREMENTS
     requirements = req if req.is_file() else None
+    if requirements is not None and not _lists_anything(requirements):
+        log.info("code: %s lists nothing to install: pip is not run", requirements)
+        requirements = None
     package = packages and _is_package(code_dir)
     if not package and requirements is None:
         return None
     return Install(code_dir, package, requirements)
 
 
-_ARN = re.compile(
+_ARN = (
     r"arn:(?P<partition>[^:]+):codeartifact:(?P<region>[^:]+):(?P<account>[^:]+)"
     r":repository/(?P<domain>[^/]+)/(?P<repository>.+)"
 )
 
 
 def parse_repository_arn(arn: str) -> dict[str, str]:
-    m = _ARN.fullmatch(arn)
+    m = re.fullmatch(_ARN, arn)
     if m is None:
         raise ConfigError(
             f"{CA_REPOSITORY_ARN}: expected arn:PARTITION:codeartifact:REGION:ACCOUNT:"
@@ -329,6 +339,10 @@ def codeartifact_index(arn: str) -> str:
 @contextlib.contextmanager
 def _interpreter_lock(python: str) -> Iterator[None]:
     """Hosts that share one interpreter (``--simulate``) install one after the other."""
+    import fcntl
+    import hashlib
+    import tempfile
+
     digest = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:16]
     path = Path(tempfile.gettempdir()) / f"smdist-pip-{digest}.lock"
     with open(path, "a") as f:
@@ -390,6 +404,8 @@ def run_install(
     pip's own configuration (PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_INDEX, pip.conf) applies
     as in any pip run; ``CA_REPOSITORY_ARN`` adds the CodeArtifact index as the toolkit does.
     """
+    import threading
+
     env = dict(os.environ if environ is None else environ)
     env.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,6 +70,8 @@ def resolve(
         if not os.access(path, os.X_OK):
             raise EntryPointNotFound(f"entry program {path} is not executable (chmod +x it)")
         return Entry("program", str(path.resolve()), args, target)
+    import shutil
+
     found = shutil.which(target)
     if found is None:
         raise EntryPointNotFound(f"entry program {target} not found on PATH")

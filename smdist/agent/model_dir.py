@@ -22,10 +22,8 @@ its own, and only after every host's workers finished, so no save in flight on a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
-import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -86,6 +84,8 @@ Inventory = dict[str, tuple[int, str]]
 
 
 def _sha256(path: Path) -> str:
+    import hashlib  # only once the workers are done: never on the way to the first one
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
@@ -201,7 +201,7 @@ class ModelDir:
         self.paths = paths
         self.host = host
         self.hosts = tuple(hosts)
-        self.token = secrets.token_hex(8)
+        self.token = os.urandom(8).hex()  # secrets.token_hex's bytes, without importing it
         self.marker = paths.model_dir / f"{MARKER_PREFIX}{host}-{self.token}"
         self.sharing: tuple[str, ...] = (host,)
         """The hosts whose model dir is this very directory (this one included), sorted."""

@@ -13,8 +13,6 @@ import importlib.machinery
 import importlib.util
 import os
 import re
-import secrets
-import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -371,7 +369,7 @@ def check_writable(directory: Path, name: str) -> Check:
     The probe's name cannot collide: a directory shared between containers (local mode's
     one model dir, EFS, FSx) has several agents that are all PID 1 probing it at once.
     """
-    probe = directory / f".smdist-probe-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(8)}"
+    probe = directory / f".smdist-probe-{os.uname().nodename}-{os.getpid()}-{os.urandom(8).hex()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)

@@ -16,15 +16,17 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from smdist.agent.model_dir import decode_inventory, encode_inventory
-from smdist.agent.report.failure import WorkerFailure
 from smdist.agent.stages import Stopped, StopRequested
-from smdist.agent.store import StoreClient, StoreServer, StoreUnavailable
 from smdist.agent.topology import Layout, build_layout, master_host, sorted_hosts
 from smdist.errors import JobAborted, RendezvousFailed, SmdistError
 from smdist.log import log
+
+if TYPE_CHECKING:
+    from smdist.agent.report.failure import WorkerFailure
+    from smdist.agent.store import StoreClient, StoreServer, StoreUnavailable
 
 ABORT = "abort"
 ALL_DONE = "alldone"
@@ -180,6 +182,13 @@ class LocalCoordinator:
         self.report(event)
 
 
+def _import_store() -> None:
+    """The store (its sockets, threads, retries and authentication) is imported only when
+    there are other hosts to meet: a one-host job's agent never pays for it (issue 18)."""
+    global StoreClient, StoreServer, StoreUnavailable
+    from smdist.agent.store import StoreClient, StoreServer, StoreUnavailable
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -262,6 +271,7 @@ def _announce_stop(
 
     A fresh connection: the stop may have cut a request on the old one in half. The master
     keeps its store up a moment (bounded) so the hosts that joined read why it ends."""
+    _import_store()
     try:
         client = StoreClient(address, settings.port, STOP_NOTICE_S, master)
     except RendezvousFailed:
@@ -314,6 +324,7 @@ def rendezvous(
             JobPlan(build_layout({current_host: nproc}), "127.0.0.1", port),
             LocalCoordinator(take_inventory),
         )
+    _import_store()
     master_addr = addresses[master]
     where = f"{master} ({master_addr}:{settings.port})"
     server: StoreServer | None = None
@@ -416,6 +427,7 @@ class StoreCoordinator:
         check_outputs: CheckOutputs | None = None,
         take_inventory: Callable[[], Inventory] | None = None,
     ) -> None:
+        _import_store()  # its exceptions are caught by name below
         self.host = host
         self.layout = layout
         self._ctl = ctl
@@ -602,6 +614,8 @@ class StoreCoordinator:
     def close(self, failures: Sequence[WorkerFailure] = ()) -> dict[str, list[WorkerFailure]]:
         """Leave: the master keeps its store up until the others have read the outcome."""
         self._closing.set()
+        from smdist.agent.report.failure import WorkerFailure
+
         reports: dict[str, list[WorkerFailure]] = {}
         try:
             if self._server is None:

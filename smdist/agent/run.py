@@ -5,9 +5,7 @@ failure, a failure file."""
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -15,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from smdist import config as cfg
+from smdist import timeline
 from smdist.agent import backends, distribution, model_dir, network_env, sm_env, stages, topology
 from smdist.agent import entry as entries
 from smdist.agent.backends.base import Backend, Launch
@@ -75,6 +74,7 @@ def run(opts: AgentOptions) -> int:
         write.clear_failure_files(paths)
         paths.success_file.unlink(missing_ok=True)  # only this run's success counts
         config = cfg.load(paths)
+        timeline.mark("config loaded")
         host = config.resource.current_host
         setup(host)
         if opts.settings_line:
@@ -171,6 +171,7 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     entry = entries.resolve(opts.entry, opts.entry_base_dir, config.paths.code_dir)
     install = _dependencies(config, entry)
     _preflight(config, entry)
+    timeline.mark("entry found, preflight checked")
     if opts.hyperparameter_args:
         entry = entry.with_args(sm_env.hyperparameter_args(config.user_hyperparameters))
     backend = backends.select(opts.backend, config)
@@ -183,6 +184,7 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
         if dist.key is not None and not opts.nproc_given:
             source = f"{dist.key}; {source}"
     log.info("processes per host: %d (%s)", nproc, source)
+    timeline.mark("backend chosen")
     stages.enter("the DNS wait")
     addresses = resolve_addresses(
         config.resource.hosts,
@@ -205,6 +207,7 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
             token=model.token,
         )
         model.detect(plan.tokens)
+        timeline.mark("rendezvous done")
         _log_plan(opts, backend.name, plan, entry.target)
         try:
             stages.enter("the dependency install")
@@ -222,6 +225,20 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
             raise
     finally:
         model.unmark()
+
+
+def _run_dir() -> Path:
+    """A new private folder for the workers' error and control files (``tempfile.mkdtemp``
+    without importing tempfile and random on the way to the first worker)."""
+    base = Path(os.environ.get("TMPDIR") or "/tmp")
+    for attempt in range(100):
+        path = base / f"smdist-{os.getpid()}-{time.monotonic_ns()}-{attempt}"
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        return path
+    raise SmdistError(f"could not create a private folder under {base}")
 
 
 def _launch(
@@ -247,11 +264,13 @@ def _launch(
     net = network_env.network_environment(config, os.environ)
     env_sm.update(net.variables)  # the backends never override a variable the user set
     log.info("network environment for the workers: %s", net.describe())
+    timeline.mark("environment for SageMaker built")
     memory_at_start = memory_snapshot()
-    run_dir = Path(tempfile.mkdtemp(prefix="smdist-"))
+    run_dir = _run_dir()
     try:
         launch = Launch(entry, os.environ, env_sm, run_dir)
         specs = backend.worker_specs(launch, plan, coordinator)
+        timeline.mark("worker environments built")
         supervisor = Supervisor(
             res.current_host,
             specs,
@@ -271,6 +290,8 @@ def _launch(
             others = coordinator.close(outcome.failures if outcome else ())
         return _report(config, outcome, started, memory_at_start, others)
     finally:
+        import shutil
+
         shutil.rmtree(run_dir, ignore_errors=True)
 
 

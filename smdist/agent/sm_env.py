@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Mapping
 from typing import Any
@@ -90,6 +89,8 @@ def _entry_module_name(entry_point: str) -> str:
 
 
 def _which(program: str, environ: Mapping[str, str]) -> bool:
+    import shutil
+
     return shutil.which(program, path=environ.get("PATH", os.defpath)) is not None
 
 
@@ -97,6 +98,8 @@ def detect_neuron_cores(instance_type: Any, environ: Mapping[str, str]) -> int:
     """The toolkit's ``num_neurons``: 64 on trn2.48xlarge, else the cores ``neuron-ls`` lists."""
     if isinstance(instance_type, str) and "trn2.48xlarge" in instance_type:
         return 64
+    import shutil
+
     neuron_ls = shutil.which("neuron-ls", path=environ.get("PATH", os.defpath))
     if neuron_ls is None:
         return 0

@@ -20,16 +20,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-from smdist import contract
+from smdist import contract, timeline
 from smdist.agent import stages
 from smdist.agent.rendezvous import Coordinator, JobEvent
-from smdist.agent.report.classify import headline as failure_headline
-from smdist.agent.report.classify import looks_like_peer_error
-from smdist.agent.report.failure import WorkerFailure
 from smdist.contract import STACK_DUMP_SIGNAL
 from smdist.log import log
+
+if TYPE_CHECKING:  # the report's code is imported when a worker fails (issue 18)
+    from smdist.agent.report.failure import WorkerFailure
 
 TAIL_LINES = 50
 MAX_LINE = 1 << 20  # a line longer than this is relayed in pieces rather than held
@@ -204,6 +204,7 @@ class Supervisor:
                 start_new_session=True,
                 preexec_fn=contract.exec_dying_with(me),
             )
+            timeline.mark(f"rank {spec.rank} spawned")
             w = Worker(spec, proc)
             prefix = f"[{self.host}/{spec.rank}] ".encode() if spec.prefix else b""
             assert proc.stdout is not None and proc.stderr is not None
@@ -340,6 +341,9 @@ class Supervisor:
         """A worker exited: a failure unless 0; the first one stops the job everywhere."""
         if w.returncode == 0 or w.returncode is None:
             return
+        from smdist.agent.report.classify import looks_like_peer_error
+        from smdist.agent.report.failure import WorkerFailure
+
         failure = self.identify(
             WorkerFailure(
                 host=self.host,
@@ -430,6 +434,8 @@ class Supervisor:
 
     def _publish_failure(self, failure: WorkerFailure) -> None:
         """Make ``failure`` the job's event (unless another came first) and stop our workers."""
+        from smdist.agent.report.classify import headline as failure_headline
+
         log.info("rank %d %s: stopping the job", failure.rank, failure.describe())
         self.event = self.coordinator.report(
             JobEvent(

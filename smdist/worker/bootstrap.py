@@ -15,17 +15,22 @@ import io
 import os
 import pwd
 import runpy
-import socket
 import sys
 import time
 import traceback
-from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any
 
 from smdist import contract
-from smdist.worker import environment
+
+# Everything above is what every rank imports before its first line (issue 18), and what an
+# error record needs after the script has dropped the privileges to read the interpreter's
+# library: nothing else (no socket, typing or dataclasses; the launcher's environment is read
+# when there is an error, with the variables themselves as the fallback).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import TracebackType
+    from typing import Any
 
 ERROR_FILE_ENV = contract.ERROR_FILE_ENV
 STACK_DUMP_SIGNAL = contract.STACK_DUMP_SIGNAL
@@ -161,10 +166,20 @@ def _who() -> dict[str, Any]:
     """Host, rank and local rank, as the launcher told them (never fails: a record must be
     written even when the variables are broken)."""
     try:
+        from smdist.worker import environment
+
         started = environment.detect()
         return {"host": started.host, "rank": started.rank, "local_rank": started.local_rank or 0}
     except Exception:
-        return {"host": socket.gethostname(), "rank": 0, "local_rank": 0}
+        host = os.environ.get("SM_CURRENT_HOST") or os.uname().nodename
+        return {"host": host, "rank": _int_env("RANK"), "local_rank": _int_env("LOCAL_RANK")}
+
+
+def _int_env(name: str) -> int:
+    try:
+        return int(os.environ.get(name, "0"))
+    except ValueError:
+        return 0
 
 
 def _cwd() -> str | None:
@@ -218,6 +233,29 @@ def _exit_message(exc: SystemExit) -> str | None:
     return code if isinstance(code, str) else f"sys.exit({code!r})"
 
 
+def _run_script(script: str) -> None:
+    """``runpy.run_path(script, run_name="__main__")`` for a plain ``.py`` file, the same
+    globals and the same temporary ``__main__``, without runpy's import of pkgutil and typing
+    on every rank's way to the script's first line. Anything else goes to runpy."""
+    if not (script.endswith(".py") and os.path.isfile(script)):
+        runpy.run_path(script, run_name="__main__")
+        return
+    with io.open_code(os.path.abspath(script)) as f:
+        # dont_inherit: this module's __future__ imports are not the script's.
+        code = compile(f.read(), script, "exec", dont_inherit=True)
+    module = type(sys)("__main__")
+    module.__dict__.update(
+        __file__=script, __cached__=None, __loader__=None, __package__="", __spec__=None
+    )
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = module
+    try:
+        exec(code, module.__dict__)
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or (args[0] == "-m" and len(args) < 2):
@@ -243,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.argv = [script, *rest]
             # As `python script.py` does: the script's directory comes first on sys.path.
             sys.path[0] = os.path.dirname(os.path.abspath(script))
-            runpy.run_path(script, run_name="__main__")
+            _run_script(script)
     except SystemExit as exc:
         message = _exit_message(exc)
         if message is not None:

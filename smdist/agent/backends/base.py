@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from smdist.agent.entry import Entry
 from smdist.agent.rendezvous import Coordinator, JobPlan
-from smdist.agent.report.failure import WorkerFailure
 from smdist.agent.supervisor import WorkerSpec
+
+if TYPE_CHECKING:
+    from smdist.agent.report.failure import WorkerFailure
 
 
 @dataclass(frozen=True)

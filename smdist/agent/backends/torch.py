@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from smdist import contract
 from smdist.agent.backends.base import Launch, nproc_from_flag
 from smdist.agent.rendezvous import Coordinator, JobPlan
-from smdist.agent.report.failure import WorkerFailure
 from smdist.agent.supervisor import WorkerSpec
 from smdist.config import JobConfig
 from smdist.log import log
 from smdist.torchrun_env import run_id, worker_variables
+
+if TYPE_CHECKING:
+    from smdist.agent.report.failure import WorkerFailure
 
 
 class TorchBackend:
