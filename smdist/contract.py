@@ -29,6 +29,24 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import IO, Any
 
+
+class Pattern:
+    """A regular expression compiled on its first use (``re`` keeps it compiled): modules on
+    every start-up path hold patterns that only a failure reads (issue 18)."""
+
+    __slots__ = ("flags", "pattern")
+
+    def __init__(self, pattern: str, flags: int = 0) -> None:
+        self.pattern = pattern
+        self.flags = flags
+
+    def search(self, text: str) -> re.Match[str] | None:
+        return re.compile(self.pattern, self.flags).search(text)
+
+    def match(self, text: str) -> re.Match[str] | None:
+        return re.compile(self.pattern, self.flags).match(text)
+
+
 # --- the variables the agent sets for every rank ---------------------------------------
 
 AGENT_PID_ENV = "SMDIST_AGENT_PID"
@@ -74,7 +92,7 @@ def place(hosts: Sequence[tuple[str, int]], rank: int) -> tuple[str, int]:
     return "?", 0
 
 
-_RANK_FAILED = re.compile(r"^smdist: rank (\d+) on (\S+) failed \(exit (-?\d+)\)$")
+_RANK_FAILED = Pattern(r"^smdist: rank (\d+) on (\S+) failed \(exit (-?\d+)\)$")
 
 
 def rank_failed_line(rank: str | int, host: str, code: int) -> str:
@@ -412,7 +430,7 @@ _LIBRARY_DIRS = tuple(
     )
 )
 # Another interpreter's standard library or packages (a frame read back from a log).
-_PYTHON_LIB = re.compile(r"/lib(64)?/python\d+(\.\d+)?/")
+_PYTHON_LIB = Pattern(r"/lib(64)?/python\d+(\.\d+)?/")
 
 
 def is_user_file(filename: str, *, packages: bool = False) -> bool:

@@ -49,15 +49,15 @@ _PIP_NAMES = {
     "attr": "attrs",
 }
 
-_OOM_TEXT = re.compile(
+_OOM_TEXT = contract.Pattern(
     r"CUDA out of memory|CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED"
     r"|HIP out of memory|out of memory on device|Cannot allocate memory",
     re.IGNORECASE,
 )
-_SO_TEXT = re.compile(r"([\w.+-]+\.so[\w.]*): cannot open shared object file")
-_ENOSPC_TEXT = re.compile(r"No space left on device|Disk quota exceeded", re.IGNORECASE)
+_SO_TEXT = contract.Pattern(r"([\w.+-]+\.so[\w.]*): cannot open shared object file")
+_ENOSPC_TEXT = contract.Pattern(r"No space left on device|Disk quota exceeded", re.IGNORECASE)
 # Collective errors a worker sees when a *peer* died first: a victim, not a cause.
-_COMM_TEXT = re.compile(
+_COMM_TEXT = contract.Pattern(
     r"Connection closed by peer|Connection reset by peer|Broken pipe|NCCL (communicator|error)"
     r"|DistBackendError|ProcessGroup\w* .*(abort|timed? ?out|watchdog)|Socket Timeout"
     r"|recvBytes|sendBytes|TCPStore|ncclRemoteError|ncclSystemError",

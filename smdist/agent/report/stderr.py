@@ -13,13 +13,15 @@ from typing import Any
 
 from smdist import contract
 
-_TB_FILE = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+)(?:, in (?P<func>.+))?$')
-_FH_FILE = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>.+)$')
-_TB_LAST = re.compile(
+_TB_FILE = contract.Pattern(
+    r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+)(?:, in (?P<func>.+))?$'
+)
+_FH_FILE = contract.Pattern(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>.+)$')
+_TB_LAST = contract.Pattern(
     r"^(?P<type>[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Warning)?)"
     r"(?:: (?P<message>.*))?$"
 )
-_ERRNO = re.compile(r"^\[Errno (\d+)\] [^:]*(?:: '(.*)')?")
+_ERRNO = contract.Pattern(r"^\[Errno (\d+)\] [^:]*(?:: '(.*)')?")
 
 
 def parse_stderr_traceback(lines: Sequence[str]) -> dict[str, Any] | None:
