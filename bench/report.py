@@ -254,6 +254,38 @@ def _startup_table(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _resilience_table(d: dict[str, Any]) -> list[str]:
+    """``bench.resilience``'s results (issue 16): its own format, medians of its runs."""
+
+    def med(runs: list[dict[str, Any]], key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    def span(runs: list[dict[str, Any]], key: str) -> str:
+        values = [r[key] for r in runs]
+        return f"{min(values):.2f}-{max(values):.2f}"
+
+    lines = ["| measurement | median (min-max) | target |", "|---|---|---|"]
+    for key, runs in d.items():
+        if key.startswith("restart") and runs:
+            lines.append(
+                f"| {key}: failing rank's exit -> every rank ready again | "
+                f"{med(runs, 'restart_s'):.2f} s ({span(runs, 'restart_s')}); cold "
+                f"{med(runs, 'cold_s'):.2f} s: **{med(runs, 'ratio'):.2f}x** | <= 1.2x cold |"
+            )
+        elif key.startswith("hang") and runs:
+            lines.append(
+                f"| {key}: detected after `--hang-timeout` | "
+                f"{med(runs, 'over_timeout_s'):.2f} s ({span(runs, 'over_timeout_s')}) | <= 5 s |"
+            )
+    prog = d.get("progress")
+    if isinstance(prog, dict) and "progress_ns" in prog:
+        cost = prog["progress_ns"] - prog.get("empty_ns", 0.0)
+        lines.append(
+            f"| `smdist.progress()` per step, over an empty call | {cost:.0f} ns | < 1000 ns |"
+        )
+    return lines
+
+
 def _scale_table(d: dict[str, Any]) -> list[str]:
     lines = [
         "| simulated hosts | all hosts rendezvoused | all workers started | job exit |",
@@ -393,6 +425,18 @@ def _targets(all_: dict[str, dict[str, Any]]) -> list[str]:
                     verdict(None if c is None else c < 1.0),
                 )
             )
+    res = all_.get("resilience", {})
+    for key, runs in res.items():
+        if key.startswith("restart smdist") and runs:
+            r = statistics.median(x["ratio"] for x in runs)
+            rows.append((f"{key}: <= 1.2x a cold time-to-ready", f"{r:.2f}x", verdict(r <= 1.2)))
+        elif key.startswith("hang") and runs:
+            over = statistics.median(x["over_timeout_s"] for x in runs)
+            rows.append((f"{key}: found <= 5 s after the timeout", _s(over), verdict(over <= 5)))
+    prog = res.get("progress")
+    if isinstance(prog, dict) and "progress_ns" in prog:
+        cost = prog["progress_ns"] - prog.get("empty_ns", 0.0)
+        rows.append(("progress() < 1 µs a step", f"{cost:.0f} ns", verdict(cost < 1000)))
     lines = ["| target (smdist) | measured (median) | |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return lines
@@ -440,7 +484,7 @@ def _chart(d: dict[str, Any], path: Path) -> bool:
 
 
 def tables(all_: dict[str, dict[str, Any]], chart: str | None) -> list[str]:
-    any_ = next(iter(all_.values()))
+    any_ = next(v for v in all_.values() if "machine" in v)
     m = any_["machine"]
     out = [
         BEGIN,
@@ -463,10 +507,19 @@ def tables(all_: dict[str, dict[str, Any]], chart: str | None) -> list[str]:
         ("relay-errors", "4b. Log relay, every line naming an error class (stderr)", _relay_table),
         ("overhead", "5. Launcher overhead while training", _overhead_table),
         ("scale", "6. Bring-up scale (smdist, trivial workers)", _scale_table),
+        ("resilience", "7. Restarts, hang detection, progress (`bench.resilience`)", None),
     ]
     for key, title, fn in sections:
         if key in all_:
             d = all_[key]
+            if fn is None:  # an external measurement's own format
+                start = d.get("load_avg_1m_at_start", "?")
+                start = round(start, 2) if isinstance(start, float) else start
+                end = d.get("load_avg_1m_at_end", "?")
+                end = round(end, 2) if isinstance(end, float) else end
+                out += ["", f"### {title}", "", *_resilience_table(d)]
+                out += ["", f"({d.get('duration_s', 0):.0f} s; load {start} -> {end})"]
+                continue
             out += ["", f"### {title}", "", *fn(d)]
             out += [
                 "",

@@ -34,6 +34,9 @@ MEASUREMENTS = (
 )
 # relay-errors (the toolkit's error-class scan) only on request: it adds minutes.
 DEFAULT = tuple(m for m in MEASUREMENTS if m != "relay-errors")
+# Measurements another issue wrote as a module of its own (``python -m bench.NAME``, its own
+# JSON): run after the others when the module is there, each with its own table.
+EXTERNAL = {"resilience": "bench.resilience"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results", metavar="DIR")
     p.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md", metavar="FILE")
     p.add_argument("--no-docs", action="store_true", help="write the JSON results only")
+    p.add_argument(
+        "--no-external",
+        action="store_true",
+        help="skip " + ", ".join(f"python -m {m}" for m in EXTERNAL.values()),
+    )
     return p
 
 
@@ -69,6 +77,28 @@ def _machine() -> dict[str, Any]:
         "torch": version("torch"),
         "platform": platform.platform(),
     }
+
+
+def _external(runs: int, results: Path) -> None:
+    import importlib.util
+    import subprocess
+
+    for name, module in EXTERNAL.items():
+        if importlib.util.find_spec(module) is None:
+            print(f"bench: {name}: no {module} here: not measured", file=sys.stderr)
+            (results / f"{name}.json").unlink(missing_ok=True)  # no stale table
+            continue
+        began = time.monotonic()
+        print(f"bench: {name} (python -m {module})", file=sys.stderr)
+        argv = [sys.executable, "-m", module, "--runs", str(runs), "--results", str(results)]
+        done = subprocess.run(argv, cwd=ROOT, check=False)
+        took = time.monotonic() - began
+        print(f"bench: {name} took {took:.0f} s (exit {done.returncode})", file=sys.stderr)
+        path = results / f"{name}.json"
+        if done.returncode == 0 and path.exists():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            data["duration_s"] = round(took, 1)
+            path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {name} took {data['duration_s']:.0f} s", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if not ns.no_external and not ns.only:
+        _external(runs, ns.results)
     if "ready" in done:
         for key, source in borrowed.items():
             if source in done and key in done[source]["configs"]:
