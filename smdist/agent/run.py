@@ -68,6 +68,7 @@ def run(opts: AgentOptions) -> int:
     setup("-")
     started = time.monotonic()
     host = "-"
+    whole_job = True  # until the config names the master: then only the master's report is
     try:
         stages.enter("reading the job's config")
         # A failure file present at the end must be the user's own (smdist.fail).
@@ -76,6 +77,8 @@ def run(opts: AgentOptions) -> int:
         config = cfg.load(paths)
         timeline.mark("config loaded")
         host = config.resource.current_host
+        whole_job = _is_master(config)
+        write.clear_failure_files(paths, host)
         setup(host)
         if opts.settings_line:
             log.info("settings: %s", opts.settings_line)
@@ -84,10 +87,12 @@ def run(opts: AgentOptions) -> int:
         log.error("%s", exc.headline())
         if host == "-" and exc.where is None:
             exc.where = ""  # the config itself is what failed: no host to name
-        diagnosis = write.report(paths, [], current_host=host, smdist_error=exc)
+        diagnosis = write.report(
+            paths, [], current_host=host, smdist_error=exc, whole_job=whole_job
+        )
         return diagnosis.exit_code
     except stages.StopRequested as stop:
-        return _stopped(paths, host, stop)
+        return _stopped(paths, host, stop, whole_job)
     except KeyboardInterrupt:
         log.error("interrupted before the workers started")
         return 130
@@ -97,13 +102,19 @@ def run(opts: AgentOptions) -> int:
         return 1
 
 
-def _stopped(paths: cfg.Paths, host: str, stop: stages.StopRequested) -> int:
+def _stopped(paths: cfg.Paths, host: str, stop: stages.StopRequested, whole_job: bool) -> int:
     """A stop before the workers ran: say at which stage, in the log and the failure file."""
     stages.enter("the report", interruptible=False)
     log.error("%s: stopping", stop.describe(host))
     error = stages.Stopped(stop.describe(host), stop.exit_code)
-    write.report(paths, [], current_host=host, smdist_error=error)
+    write.report(paths, [], current_host=host, smdist_error=error, whole_job=whole_job)
     return stop.exit_code
+
+
+def _is_master(config: cfg.JobConfig) -> bool:
+    """Whether this host writes the whole job's report (the master's covers every host)."""
+    hosts = topology.sorted_hosts(config.resource.hosts)
+    return config.resource.current_host == topology.master_host(hosts)
 
 
 def resolve_addresses(
@@ -433,6 +444,7 @@ def _report(
         smdist_error=remote,
         memory_at_start=memory,
         extra={"elapsed_s": round(elapsed, 3), "job_event": asdict(event) if event else None},
+        whole_job=_is_master(config),
     )
     log.error("%s", diagnosis.headline)
     if diagnosis.user_failure_text is not None:

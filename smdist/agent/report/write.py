@@ -3,8 +3,11 @@
 ``/opt/ml/output/failure``'s first 1024 characters become the job's FailureReason, so
 ``report`` writes a whole file that fits: the root cause's category, reason, host, rank
 and exit code on the first line, then the innermost user frames and a hint. The full
-story (every rank, tracebacks, stderr tails, timings) goes to
-``/opt/ml/output/data/smdist-failure.json``, which SageMaker uploads with the output.
+story (every rank, tracebacks, stderr tails, timings) goes to a JSON report in
+``/opt/ml/output/data``, which SageMaker uploads with the output: each host's under its own
+name (``smdist-failure-<host>.json``), and the master's, which covers every host, also as
+``smdist-failure.json``. SageMaker (and its local mode) merges the hosts' output dirs, the
+last host winning a name: only the master writes the whole-job name, so it survives.
 """
 
 from __future__ import annotations
@@ -25,6 +28,17 @@ from smdist.contract import FAILURE_FILE_LIMIT
 from smdist.errors import SmdistError
 
 REPORT_NAME = "smdist-failure.json"
+"""The whole job's report: the master's (or a one-host job's), every host's failures."""
+
+
+def host_report_name(host: str) -> str:
+    """Each host's own report: a name no other host writes."""
+    return f"smdist-failure-{host}.json"
+
+
+def _same(a: WorkerFailure, b: WorkerFailure | None) -> bool:
+    """The same failure, also when one copy was decoded from another host's message."""
+    return b is not None and (a.host, a.rank, a.time) == (b.host, b.rank, b.time)
 
 
 @dataclass(frozen=True)
@@ -71,8 +85,8 @@ def _compose(
 
 
 def _other_lines(failures: Sequence[WorkerFailure], root: WorkerFailure | None) -> list[str]:
-    others = [f for f in failures if f is not root and not f.peer_stopped]
-    peers = [f for f in failures if f is not root and f.peer_stopped]
+    others = [f for f in failures if not _same(f, root) and not f.peer_stopped]
+    peers = [f for f in failures if not _same(f, root) and f.peer_stopped]
     out = []
     for f in sorted(others, key=lambda f: f.time)[:3]:
         c = classify(f)
@@ -94,6 +108,7 @@ def report(
     smdist_error: SmdistError | None = None,
     extra: Mapping[str, Any] | None = None,
     memory_at_start: MemoryStats | None = None,
+    whole_job: bool = True,
 ) -> Diagnosis:
     """Classify the root cause, write the failure file and the JSON report.
 
@@ -101,11 +116,17 @@ def report(
     ``root_cause``, else the earliest failure that is not a victim. A failure file the
     user wrote (``smdist.fail``) is kept. ``memory_at_start`` is ``memory_snapshot()``
     taken before the workers started; without it any recorded OOM kill counts.
+    The JSON report goes to ``smdist-failure-<current_host>.json`` and, when ``whole_job``
+    (the master, or a host that does not know its name yet), to ``smdist-failure.json``.
     """
     memory = memory_snapshot(memory_at_start.cgroup_dir if memory_at_start else None)
     base = memory_at_start.oom_kill if memory_at_start and memory_at_start.oom_kill else 0
     oom_kills = max(0, (memory.oom_kill or 0) - base)
-    report_path = paths.output_data_dir / REPORT_NAME
+    known = current_host not in ("", "-")
+    targets = [paths.output_data_dir / host_report_name(current_host)] if known else []
+    if whole_job or not known:
+        targets.insert(0, paths.output_data_dir / REPORT_NAME)
+    report_path = targets[0]
     classified = [(f, classify(f, oom_kills=oom_kills, memory=memory)) for f in failures]
 
     root: WorkerFailure | None = None
@@ -122,7 +143,7 @@ def report(
             root = min(failures, key=lambda f: f.time)
         if root is None:
             raise ValueError("report() needs at least one failure or an smdist_error")
-        c = next((cl for f, cl in classified if f is root), None) or classify(
+        c = next((cl for f, cl in classified if _same(f, root)), None) or classify(
             root, oom_kills=oom_kills, memory=memory
         )
         category = c.category
@@ -132,40 +153,38 @@ def report(
 
     user_text = _read_user_failure(paths)
     written = False if user_text is not None else write_failure_file(paths, text)
-    saved = _write_json(
-        report_path,
-        {
-            "version": 1,
-            "category": category,
-            "headline": head,
-            "failure_file": text,
-            "user_failure_file": user_text,
-            "exit_code": exit_code,
-            "current_host": current_host,
-            "root_cause": _failure_json(root, c) if root is not None and c is not None else None,
-            "smdist_error": (
-                {
-                    "category": smdist_error.category,
-                    "type": type(smdist_error).__qualname__,
-                    "message": str(smdist_error),
-                    "exit_code": smdist_error.exit_code,
-                }
-                if smdist_error is not None
-                else None
-            ),
-            "failures": [_failure_json(f, cl) for f, cl in sorted(classified, key=_rank_key)],
-            "memory": {
-                "cgroup": str(memory.cgroup_dir) if memory.cgroup_dir else None,
-                "cgroup_version": memory.version,
-                "limit_bytes": memory.limit,
-                "peak_bytes": memory.peak,
-                "oom_kills_during_job": oom_kills,
-            },
-            "timings": _timings(failures),
-            "extra": dict(extra or {}),
-            "written_at": time.time(),
+    body: dict[str, Any] = {
+        "version": 1,
+        "category": category,
+        "headline": head,
+        "failure_file": text,
+        "user_failure_file": user_text,
+        "exit_code": exit_code,
+        "current_host": current_host,
+        "root_cause": _failure_json(root, c) if root is not None and c is not None else None,
+        "smdist_error": (
+            {
+                "category": smdist_error.category,
+                "type": type(smdist_error).__qualname__,
+                "message": str(smdist_error),
+                "exit_code": smdist_error.exit_code,
+            }
+            if smdist_error is not None
+            else None
+        ),
+        "failures": [_failure_json(f, cl) for f, cl in sorted(classified, key=_rank_key)],
+        "memory": {
+            "cgroup": str(memory.cgroup_dir) if memory.cgroup_dir else None,
+            "cgroup_version": memory.version,
+            "limit_bytes": memory.limit,
+            "peak_bytes": memory.peak,
+            "oom_kills_during_job": oom_kills,
         },
-    )
+        "timings": _timings(failures),
+        "extra": dict(extra or {}),
+        "written_at": time.time(),
+    }
+    saved = all([_write_json(path, body) for path in targets])
     return Diagnosis(
         category=category,
         headline=head,
@@ -216,12 +235,14 @@ def _timings(failures: Sequence[WorkerFailure]) -> dict[str, Any]:
     }
 
 
-def clear_failure_files(paths: Paths) -> None:
-    """Remove a previous run's failure file and report (the agent, before workers start).
+def clear_failure_files(paths: Paths, host: str | None = None) -> None:
+    """Remove a previous run's failure file and reports (the agent, before workers start):
+    the whole job's, and ``host``'s own (never another host's: the dir may be shared).
 
     After this, a failure file that exists at ``report`` time is the user's own.
     """
-    for path in (paths.failure_file, paths.output_data_dir / REPORT_NAME):
+    names = [REPORT_NAME] + ([host_report_name(host)] if host else [])
+    for path in (paths.failure_file, *(paths.output_data_dir / n for n in names)):
         path.unlink(missing_ok=True)
 
 
