@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ import pytest
 from tests.dns_server import DnsServer
 from tests.helpers import REPO, SMDIST, env, free_port, make_tree, write_script
 
-pytestmark = pytest.mark.skipif(
+needs_pid_namespace = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None,
     reason="a PID namespace (unshare --pid) needs root",
 )
@@ -106,6 +107,7 @@ def _stop(agent: Pid1Agent) -> float:
     return time.monotonic()
 
 
+@needs_pid_namespace
 def test_sigterm_in_the_dns_wait_ends_a_pid1_agent_at_once(tmp_path: Path) -> None:
     script = write_script(tmp_path / "s.py", "print('never runs')\n")
     root = make_tree(tmp_path / "algo-1", "algo-1", ["algo-1", "algo-2"])
@@ -129,6 +131,7 @@ def test_sigterm_in_the_dns_wait_ends_a_pid1_agent_at_once(tmp_path: Path) -> No
     assert "Traceback" not in agent.log
 
 
+@needs_pid_namespace
 @pytest.mark.parametrize("stopped", ["algo-1", "algo-2"])
 def test_sigterm_in_the_rendezvous_wait_stops_every_host_that_joined(
     tmp_path: Path, stopped: str
@@ -182,6 +185,7 @@ class SilentIndex:
             conn.close()
 
 
+@needs_pid_namespace
 def test_sigterm_in_the_dependency_install_stops_pip_and_every_host(tmp_path: Path) -> None:
     """algo-1's pip hangs on its index; algo-2 (nothing to install) waits for algo-1."""
     hosts = ["algo-1", "algo-2"]
@@ -221,3 +225,35 @@ def test_sigterm_in_the_dependency_install_stops_pip_and_every_host(tmp_path: Pa
     for h, root in roots.items():
         assert _failure(root).splitlines()[0] == expected, (h, logs)
     assert "Traceback" not in logs
+
+
+STAGES = """
+import signal, sys
+from smdist.agent import stages
+from smdist.log import setup
+
+setup("algo-1")
+stages.install()
+stages.enter("the waiting stage")
+try:
+    signal.raise_signal(signal.SIGTERM)
+    print("not interrupted")
+except stages.StopRequested as stop:
+    print("stopped:", stop.describe("algo-1"), stop.exit_code)
+stages.enter("the report", interruptible=False)
+signal.raise_signal(signal.SIGINT)  # the report runs to its end; a supervisor takes it over
+print("pending:", stages.take_pending(), stages.take_pending())
+"""
+
+
+def test_a_stop_interrupts_a_stage_once_then_waits_for_whoever_takes_it_over() -> None:
+    r = subprocess.run(
+        [sys.executable, "-c", STAGES], capture_output=True, text=True, env=env(), timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "stopped: SIGTERM received on algo-1 during the waiting stage, before the workers "
+        "started 143",
+        f"pending: [{int(signal.SIGINT)}] []",
+    ], r.stdout
+    assert "SIGINT received during the report: finishing it" in r.stderr
