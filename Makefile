@@ -14,6 +14,12 @@ $(STAMP): pyproject.toml launchers/install-mpi.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	# The frameworks extra: deepspeed's setup imports torch (no build isolation, no CUDA ops);
+	# then DeepSpeed's CPU comm op, which it would otherwise compile on first use in a test.
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --disable-pip-version-check --no-build-isolation \
+		$(TORCH) -e '.[frameworks]'
+	DS_ACCELERATOR=cpu $(BIN)/python -c \
+		'from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()'
 	touch $@
 
 demo: $(STAMP)
