@@ -135,6 +135,8 @@ def _world_hosts(config: JobConfig, key: str | None) -> tuple[tuple[str, ...], t
             f"{config.paths.resource_config_file} ({', '.join(sorted(groups))})",
         )
     world = sorted({h for n in names for h in groups[n]})
+    if not world:
+        raise _field(config, INSTANCE_GROUPS, f"the groups {', '.join(names)} have no hosts")
     return tuple(world), tuple(names)
 
 

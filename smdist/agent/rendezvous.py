@@ -306,14 +306,17 @@ def rendezvous(
     check_outputs: CheckOutputs | None = None,
     take_inventory: Callable[[], Inventory] | None = None,
     token: str = "",
+    master: str | None = None,
 ) -> tuple[JobPlan, Coordinator]:
     """Meet the other hosts' agents; return the job's plan and its coordinator.
 
     ``take_inventory``: this host's model-dir inventory, taken once every host's workers
     finished; ``check_outputs`` (the master's) judges them all. ``token``: this host's
-    random token, handed to every host in the plan."""
+    random token, handed to every host in the plan. ``master``: the host that hosts the
+    store and the workers' MASTER_ADDR (default the first host; a heterogeneous job's is
+    the first host of its distribution)."""
     ordered = sorted_hosts(hosts)
-    master = master_host(ordered)
+    master = master or master_host(ordered)
     if len(ordered) == 1:
         port = settings.master_port
         if port is None:

@@ -185,16 +185,24 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     timeline.mark("entry found, preflight checked")
     if opts.hyperparameter_args:
         entry = entry.with_args(sm_env.hyperparameter_args(config.user_hyperparameters))
-    backend = backends.select(opts.backend, config)
     gpus = topology.visible_gpus()
-    rule = dist.nproc_rule(opts.nproc_per_host, opts.nproc_given)
-    if rule is not None:
-        nproc, source = 1, rule
+    backend: Backend
+    if res.current_host not in dist.world_hosts:
+        from smdist.agent.backends.plain import RULE, PlainBackend
+
+        backend = PlainBackend(config)
+        nproc = 0  # no ranks in the world
+        log.info("processes per host: 1 plain process (%s)", RULE)
     else:
-        nproc, source = backend.processes_per_host(opts.nproc_per_host, gpus)
-        if dist.key is not None and not opts.nproc_given:
-            source = f"{dist.key}; {source}"
-    log.info("processes per host: %d (%s)", nproc, source)
+        backend = backends.select(opts.backend, config)
+        rule = dist.nproc_rule(opts.nproc_per_host, opts.nproc_given)
+        if rule is not None:
+            nproc, source = 1, rule
+        else:
+            nproc, source = backend.processes_per_host(opts.nproc_per_host, gpus)
+            if dist.key is not None and not opts.nproc_given:
+                source = f"{dist.key}; {source}"
+        log.info("processes per host: %d (%s)", nproc, source)
     timeline.mark("backend chosen")
     stages.enter("the DNS wait")
     addresses = resolve_addresses(
@@ -216,6 +224,7 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
             check_outputs=_check_model_dirs,
             take_inventory=model.finish,
             token=model.token,
+            master=topology.master_host(dist.world_hosts),
         )
         model.detect(plan.tokens)
         timeline.mark("rendezvous done")

@@ -46,7 +46,9 @@ class Layout:
 
     @property
     def master(self) -> str:
-        return self.slots[0].host
+        """The first host with ranks (hosts outside a heterogeneous job's distribution have
+        none); it hosts the rendezvous store and the workers' MASTER_ADDR."""
+        return next((s.host for s in self.slots if s.nproc > 0), self.slots[0].host)
 
     @property
     def world_size(self) -> int:
@@ -66,6 +68,9 @@ class Layout:
         """One line per host, for the start-of-job log."""
         lines = []
         for s in self.slots:
+            if s.nproc == 0:
+                lines.append(f"{s.host}: outside the distribution (runs the entry once, plain)")
+                continue
             ranks = f"{s.first_rank}" if s.nproc == 1 else f"{s.ranks[0]}-{s.ranks[-1]}"
             tag = " (master)" if s.host == self.master else ""
             lines.append(f"{s.host}: node rank {s.node_rank}, ranks {ranks}{tag}")
@@ -73,12 +78,16 @@ class Layout:
 
 
 def build_layout(nproc_by_host: Mapping[str, int]) -> Layout:
+    """Node ranks and global ranks in host order; a host with no processes (outside a
+    heterogeneous job's distribution) takes part in the job but not in the world (node rank
+    -1)."""
     slots = []
-    first = 0
-    for index, host in enumerate(sorted_hosts(list(nproc_by_host))):
+    first = node = 0
+    for host in sorted_hosts(list(nproc_by_host)):
         n = nproc_by_host[host]
-        slots.append(HostSlot(host=host, node_rank=index, nproc=n, first_rank=first))
+        slots.append(HostSlot(host=host, node_rank=node if n else -1, nproc=n, first_rank=first))
         first += n
+        node += 1 if n else 0
     return Layout(tuple(slots))
 
 

@@ -375,13 +375,14 @@ def _worker_specs(
     host = config.resource.current_host
     layout = plan.layout
     nprocs = {s.host: s.nproc for s in layout.slots}  # as the rendezvous agreed
+    world = [s.host for s in layout.slots if s.nproc]  # not hosts outside the distribution
     slot = layout.slot(host)
     env = host_environment(base_env, sm_env, plan, config, nprocs[host])
     write_host_file(run_dir, host, slot.node_rank, env)
     link = job_dir(plan)
     _link_host_dir(link, host, run_dir)
     port = ssh_port(base_env)
-    others = [h for h in layout.hosts if h != host and plan.addresses.get(h, h) != plan.master_addr]
+    others = [h for h in world if h != host and plan.addresses.get(h, h) != plan.master_addr]
     if host != layout.master:
         mine, master = plan.addresses.get(host), plan.addresses.get(layout.master)
         if mine is not None and mine == master:  # one machine (--simulate): no ssh at all
@@ -398,14 +399,14 @@ def _worker_specs(
             "--backend mpi: mpirun not found on PATH: install Open MPI (openmpi-bin; "
             "launchers/install-mpi.sh)"
         )
-    single = len(layout.slots) == 1
+    single = len(world) == 1
     # The addresses the agent resolved (with its retry policy), so mpirun looks up nothing.
-    hosts = [("localhost" if single else plan.addresses.get(h, h), nprocs[h]) for h in layout.hosts]
+    hosts = [("localhost" if single else plan.addresses.get(h, h), nprocs[h]) for h in world]
     forwarded = forwarded_names(opts.custom)
     launch_env = {k: v for k, v in base_env.items() if not k.startswith(MPI_PREFIXES)}
     launch_env[JOB_DIR_ENV] = str(link)
     launch_env[FORWARDED_ENV] = ",".join(forwarded)
-    layout_arg = ",".join(f"{h}:{nprocs[h]}" for h in layout.hosts)
+    layout_arg = ",".join(f"{h}:{nprocs[h]}" for h in world)
     launch_env[HOSTS_ENV] = layout_arg
     if os.geteuid() == 0:  # SageMaker containers run as root; Open MPI refuses without these
         launch_env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"

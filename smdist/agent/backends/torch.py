@@ -74,7 +74,7 @@ class TorchBackend:
                     rank=rank,
                     world_size=plan.layout.world_size,
                     node_rank=slot.node_rank,
-                    num_hosts=len(hosts),
+                    num_hosts=sum(1 for s in plan.layout.slots if s.nproc),  # the world's
                     error_file=env[contract.ERROR_FILE_ENV],
                 )
             )
