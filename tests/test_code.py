@@ -247,3 +247,21 @@ def test_unsafe_archive_is_refused_and_nothing_is_written(
     assert after == before or set(after) - set(before) == {root / "code"}
     assert _empty(root / "code")
     assert not Path("/tmp/smdist-abs-escape").exists()
+
+
+def test_nothing_to_fetch_or_install_costs_nothing(tmp_path: Path) -> None:
+    """The start-up path of a job without script mode: no boto3 import, no pip run (the
+    interpreter's own import trace of the agent says what it imported)."""
+    script = tmp_path / "train.py"
+    script.write_text("print('ok')\n")
+    root = make_tree(tmp_path / "opt_ml")
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "smdist.agent.cli", "--opt-ml", str(root),
+         str(script)],
+        capture_output=True, text=True, timeout=120, env=env(),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    imported = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if "|" in line}
+    assert "smdist.agent.settings" in imported  # the trace is the agent's
+    assert not {m for m in imported if m.split(".")[0] in ("boto3", "botocore", "tarfile")}
+    assert "installing" not in r.stderr and "pip:" not in r.stderr
