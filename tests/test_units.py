@@ -92,11 +92,14 @@ def test_processes_per_host() -> None:
             topology.processes_per_host(bad, 0)
 
 
+SECRET = b"unit-test-secret-0123456789"
+
+
 def test_store_first_compare_set_wins_and_waits_wake_on_set() -> None:
-    server = StoreServer(0)
+    server = StoreServer(0, secret=SECRET)
     try:
-        a = StoreClient("127.0.0.1", server.port, 5, "test")
-        b = StoreClient("127.0.0.1", server.port, 5, "test")
+        a = StoreClient("127.0.0.1", server.port, 5, "test", secret=SECRET)
+        b = StoreClient("127.0.0.1", server.port, 5, "test", secret=SECRET)
         assert a.compare_set("abort", None, "first") == "first"
         assert b.compare_set("abort", None, "second") == "first"
         assert a.add("n", 2) == 2 and b.add("n", 3) == 5
@@ -117,22 +120,22 @@ def test_store_first_compare_set_wins_and_waits_wake_on_set() -> None:
 
 
 def test_store_port_in_use_names_the_port() -> None:
-    server = StoreServer(0)
+    server = StoreServer(0, secret=SECRET)
     try:
         with pytest.raises(RendezvousFailed, match=f"rendezvous port {server.port} on algo-9"):
-            StoreServer(server.port, "algo-9")
+            StoreServer(server.port, "algo-9", secret=SECRET)
     finally:
         server.close()
 
 
 def test_store_client_gives_up_at_its_deadline() -> None:
-    server = StoreServer(0)
+    server = StoreServer(0, secret=SECRET)
     port = server.port
     server.close()
     with pytest.raises(
         RendezvousFailed, match=f"cannot reach the rendezvous store of algo-1 at 127.0.0.1:{port}"
     ):
-        StoreClient("127.0.0.1", port, 0.5, "algo-1")
+        StoreClient("127.0.0.1", port, 0.5, "algo-1", secret=SECRET)
 
 
 def test_on_a_gpu_host_the_worker_binds_its_local_rank_and_picks_nccl(

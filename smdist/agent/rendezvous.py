@@ -266,6 +266,7 @@ def _announce_stop(
     settings: RendezvousSettings,
     master: str,
     hosts: Sequence[str],
+    secret: bytes,
 ) -> None:
     """Tell the hosts at the rendezvous that this one was stopped (a job-wide stop).
 
@@ -273,7 +274,7 @@ def _announce_stop(
     keeps its store up a moment (bounded) so the hosts that joined read why it ends."""
     _import_store()
     try:
-        client = StoreClient(address, settings.port, STOP_NOTICE_S, master)
+        client = StoreClient(address, settings.port, STOP_NOTICE_S, master, secret=secret)
     except RendezvousFailed:
         return  # the store is not up (yet, or any more): nobody to tell
     try:
@@ -307,6 +308,8 @@ def rendezvous(
     take_inventory: Callable[[], Inventory] | None = None,
     token: str = "",
     master: str | None = None,
+    *,
+    secret: bytes = b"",
 ) -> tuple[JobPlan, Coordinator]:
     """Meet the other hosts' agents; return the job's plan and its coordinator.
 
@@ -314,7 +317,9 @@ def rendezvous(
     finished; ``check_outputs`` (the master's) judges them all. ``token``: this host's
     random token, handed to every host in the plan. ``master``: the host that hosts the
     store and the workers' MASTER_ADDR (default the first host; a heterogeneous job's is
-    the first host of its distribution)."""
+    the first host of its distribution). ``secret``: the job's (smdist.agent.access), which
+    every agent and the master's store prove they hold; needed when there is more than one
+    host."""
     ordered = sorted_hosts(hosts)
     master = master or master_host(ordered)
     if len(ordered) == 1:
@@ -333,12 +338,31 @@ def rendezvous(
     server: StoreServer | None = None
     ctl: StoreClient | None = None
     if current_host == master:
-        server = StoreServer(settings.port, current_host, on_disconnect=_host_gone)
+        from smdist.agent.access import allow_list
+
+        allow = allow_list(addresses.values())
+        log.info("rendezvous store admits %s (%s)", allow.describe(), allow.source)
+        server = StoreServer(
+            settings.port,
+            current_host,
+            on_lost=_host_gone,
+            secret=secret,
+            admits=allow.admits,
+            hosts=ordered,
+            heartbeat_timeout_s=settings.heartbeat_timeout_s,
+        )
         connect_to = "127.0.0.1"
     else:
         connect_to = master_addr
     try:
-        ctl = StoreClient(connect_to, settings.port, settings.timeout_s, master)
+        ctl = StoreClient(
+            connect_to,
+            settings.port,
+            settings.timeout_s,
+            master,
+            secret=secret,
+            reply_timeout_s=max(settings.heartbeat_timeout_s, 30.0),
+        )
         ctl.set(
             f"host/{current_host}",
             json.dumps({"nproc": nproc, "hosts": list(ordered), "token": token}),
@@ -374,13 +398,19 @@ def rendezvous(
         plan = json.loads(ctl.get("plan") or "{}")
         # Identified: if this agent dies, the master's store sees the connection drop.
         watch = StoreClient(
-            connect_to, settings.port, settings.timeout_s, master, identity=current_host
+            connect_to,
+            settings.port,
+            settings.timeout_s,
+            master,
+            identity=current_host,
+            secret=secret,
+            reply_timeout_s=settings.heartbeat_timeout_s,
         )
     except StopRequested as stop:
         if ctl is not None or server is not None:  # the store is up: the others learn of it
             if ctl is not None:
                 ctl.close()
-            _announce_stop(stop, current_host, connect_to, settings, master, ordered)
+            _announce_stop(stop, current_host, connect_to, settings, master, ordered, secret)
         if server is not None:
             server.close()
         raise
@@ -406,13 +436,16 @@ def rendezvous(
     return plan_, coordinator
 
 
-def _host_gone(server: StoreServer, host: str) -> None:
-    """The master's store saw ``host``'s agent drop its connection without leaving: the
-    container was killed or the agent died. Declared at once, as the job's abort (unless
-    the job already has one), so it wins over its victims' collective errors."""
+def _host_gone(server: StoreServer, host: str, why: str) -> None:
+    """The master's store saw ``host``'s agent drop its connection without leaving (the
+    container was killed or the agent died) or miss its heartbeats (frozen, cut off).
+    Declared at once, as the job's abort (unless the job already has one or is done), so it
+    wins over its victims' collective errors."""
     if server.local_get("plan") is None or server.local_get(f"left/{host}") is not None:
         return
-    event = JobEvent.lost(host, "its agent's connection closed")
+    if server.local_get(ALL_DONE) is not None:
+        return
+    event = JobEvent.lost(host, why)
     server.local_compare_set(ABORT, None, event.to_json())
 
 
@@ -558,20 +591,17 @@ class StoreCoordinator:
 
     def _watch_loop(self, notify: Callable[[], None]) -> None:
         s = self._settings
-        peers = [h for h in self.layout.hosts if h != self.host]
         inventoried = False
         verdict_given = False
-        last_seen: dict[str, tuple[str | None, float]] = {
-            h: (None, time.monotonic()) for h in peers
-        }
         while not self._closing.is_set():
             try:
-                self._watch.add(f"hb/{self.host}", 1)
                 keys = [ABORT, ALL_DONE]
                 if not inventoried:
                     keys.append(FINISHED_ALL)
                 if self._server is not None and not verdict_given:
                     keys.append(INVENTORIED_ALL)
+                # Each wait is also this host's heartbeat: the master's store declares a
+                # host lost whose next one is late, so no agent reads every other's.
                 if self._watch.wait(keys, s.heartbeat_interval_s, all_keys=False):
                     ended = self._watch.get(ABORT) is not None or self._watch.get(ALL_DONE)
                     if not ended and not inventoried and self._watch.get(FINISHED_ALL):
@@ -597,22 +627,11 @@ class StoreCoordinator:
                             self._all_done = True
                     notify()
                     return
-                beats = self._watch.prefix("hb/")
             except StoreUnavailable as exc:
                 if not self._closing.is_set():
                     self._lost(self.layout.master, str(exc))
                     notify()
                 return
-            now = time.monotonic()
-            for h in peers:
-                value = beats.get(f"hb/{h}")
-                seen, since = last_seen[h]
-                if value != seen:
-                    last_seen[h] = (value, now)
-                elif now - since > s.heartbeat_timeout_s:
-                    self._lost(h, f"no heartbeat for {now - since:.1f} s")
-                    notify()
-                    return
 
     def close(self, failures: Sequence[WorkerFailure] = ()) -> dict[str, list[WorkerFailure]]:
         """Leave: the master keeps its store up until the others have read the outcome."""
@@ -657,7 +676,7 @@ class StoreCoordinator:
         old = self._ctl
         old.close()
         try:
-            self._ctl = StoreClient(old.address, old.port, STOP_NOTICE_S, self.layout.master)
+            self._ctl = old.reopen(STOP_NOTICE_S)
         except RendezvousFailed:
             self._set_event(event)  # the master's store is gone: nobody left to tell
         else:

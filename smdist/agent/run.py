@@ -211,6 +211,13 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
         nameserver=opts.nameserver,
         timeout_s=opts.dns_timeout_s,
     )
+    secret = b""
+    if len(res.hosts) > 1:
+        from smdist.agent.access import job_secret
+
+        job = job_secret(config)
+        log.info("rendezvous secret: %s", job.source)
+        secret = job.key
     stages.enter("the rendezvous wait")
     model = model_dir.ModelDir(config.paths, res.current_host, res.hosts)
     model.mark()  # before joining: every host's marker exists once the plan is out
@@ -225,6 +232,7 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
             take_inventory=model.finish,
             token=model.token,
             master=topology.master_host(dist.world_hosts),
+            secret=secret,
         )
         model.detect(plan.tokens)
         timeline.mark("rendezvous done")

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -85,6 +86,8 @@ def run(
         for k, v in os.environ.items()
         if k not in ("SMDIST_SIMULATE", "SMDIST_WORK_DIR", "SMDIST_CHECK")
     }
+    # One secret per simulated job: its agents alone share it (unless the user gave one).
+    child_env.setdefault("SMDIST_JOB_SECRET", secrets.token_hex(32))
     agents = []
     for tree in trees:
         argv = [
