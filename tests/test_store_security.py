@@ -10,6 +10,7 @@ so the refusals below are the allow list's and the secret's, not a firewall's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -24,7 +25,7 @@ import pytest
 from smdist import config as cfg
 from smdist.agent import access
 from smdist.agent.store import MAGIC, NONCE_BYTES, StoreClient, StoreRefused, StoreServer, _mac
-from smdist.errors import ConfigError
+from smdist.errors import ConfigError, RendezvousFailed
 from tests.helpers import free_port, make_tree, start, wait_for, write_script
 
 HOSTS = ["algo-1", "algo-2"]
@@ -279,3 +280,43 @@ def test_a_client_does_not_follow_a_master_without_the_secret() -> None:
         with pytest.raises(StoreRefused, match="did not prove it holds the job's secret"):
             StoreClient("127.0.0.1", fake.getsockname()[1], 10, "algo-1", secret=b"j" * 32)
         thread.join(timeout=10)
+
+
+def test_the_store_names_a_silent_or_vanished_host_and_nobody_else() -> None:
+    """Heartbeats are the watcher's waits; the store alone judges them (no agent reads N)."""
+    lost: list[tuple[str, str]] = []
+    told = threading.Event()
+
+    def on_lost(server: StoreServer, host: str, why: str) -> None:
+        lost.append((host, why))
+        told.set()
+
+    secret = b"s" * 32
+    server = StoreServer(0, on_lost=on_lost, secret=secret, hosts=HOSTS, heartbeat_timeout_s=0.5)
+    try:
+        beating = StoreClient("127.0.0.1", server.port, 5, "t", "algo-1", secret=secret)
+        with pytest.raises(RendezvousFailed, match="algo-1 is already connected"):
+            StoreClient("127.0.0.1", server.port, 5, "t", "algo-1", secret=secret)
+        with pytest.raises(RendezvousFailed, match="'algo-9' is not one of the job's hosts"):
+            StoreClient("127.0.0.1", server.port, 5, "t", "algo-9", secret=secret)
+        silent = StoreClient("127.0.0.1", server.port, 5, "t", "algo-2", secret=secret)
+        while not told.is_set():
+            assert not beating.wait(["never"], 0.2)  # algo-1 beats; algo-2 says nothing
+        assert lost[0][0] == "algo-2" and lost[0][1].startswith("no heartbeat for ")
+        silent.close()  # already declared: its close says nothing more
+        told.clear()
+
+        # A wait in progress is no missed heartbeat; the connection closing under it is.
+        def wait_long() -> None:
+            with contextlib.suppress(RendezvousFailed):
+                beating.wait(["never"], 60)
+
+        waiter = threading.Thread(target=wait_long)
+        waiter.start()
+        wait_for(lambda: server._identified["algo-1"].waiting, 10, "algo-1's wait to arrive")
+        beating.close()
+        assert told.wait(10)
+        waiter.join(10)
+        assert lost[1:] == [("algo-1", "its agent's connection closed")]
+    finally:
+        server.close()

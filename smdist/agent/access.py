@@ -100,7 +100,9 @@ class AllowList:
     def describe(self) -> str:
         if self.any_address:
             return "any address"
-        return ", ".join(str(n) for n in self.networks)
+        shown = [str(n).removesuffix("/32").removesuffix("/128") for n in self.networks]
+        more = f" and {len(shown) - 8} more" if len(shown) > 8 else ""
+        return ", ".join(shown[:8]) + more
 
 
 def allow_list(addresses: Iterable[str], environ: Mapping[str, str] | None = None) -> AllowList:

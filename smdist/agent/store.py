@@ -609,6 +609,10 @@ class StoreClient:
             )
 
     def close(self) -> None:
+        # shutdown first: a thread blocked in a wait on this connection wakes up, and the
+        # server sees the close at once.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self._sock.close()
 
