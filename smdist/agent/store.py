@@ -152,6 +152,8 @@ class StoreServer:
         self._timers: list[tuple[float, int, _Waiter]] = []
         self._seq = 0
         self._conns: dict[socket.socket, _Conn] = {}
+        self._unauthenticated: dict[socket.socket, _Conn] = {}
+        self._resume: list[_Conn] = []  # answered waits: read on, after the current request
         self._identified: dict[str, _Conn] = {}
         self._refused: dict[tuple[str, str], int] = {}
         self._lock = threading.RLock()
@@ -208,6 +210,10 @@ class StoreServer:
                         else:
                             self._io(key.data, mask)
                     self._expire(time.monotonic())
+                    while self._resume:
+                        resume, self._resume = self._resume, []
+                        for conn in resume:
+                            self._process(conn)
         finally:
             with self._lock:
                 for conn in list(self._conns.values()):
@@ -234,8 +240,8 @@ class StoreServer:
 
     def _sweep(self, now: float) -> None:
         """Close connections stuck before authenticating; declare silent watchers lost."""
-        for conn in list(self._conns.values()):
-            if not conn.authed and now - conn.opened > HANDSHAKE_TIMEOUT_S:
+        for conn in list(self._unauthenticated.values()):
+            if now - conn.opened > HANDSHAKE_TIMEOUT_S:
                 why = f"no authentication within {HANDSHAKE_TIMEOUT_S:.0f} s"
                 self._refuse(conn.address, "slow", why)
                 self._drop(conn, silent=True)
@@ -269,7 +275,7 @@ class StoreServer:
                 self._refuse(peer, "address", "not one of the job's hosts' addresses")
                 sock.close()
                 continue
-            if sum(1 for c in self._conns.values() if not c.authed) >= MAX_UNAUTHENTICATED:
+            if len(self._unauthenticated) >= MAX_UNAUTHENTICATED:
                 self._refuse(peer, "busy", "too many connections authenticating at once")
                 sock.close()
                 continue
@@ -277,6 +283,7 @@ class StoreServer:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = _Conn(sock, peer, int(addr[1]))
             self._conns[sock] = conn
+            self._unauthenticated[sock] = conn
             self._sel.register(sock, selectors.EVENT_READ, conn)
             self._send(conn, _frame(MAGIC + conn.nonce))
 
@@ -340,6 +347,7 @@ class StoreServer:
             self._drop(conn, silent=True)
             return
         conn.authed = True
+        del self._unauthenticated[conn.sock]
         self._send(conn, _frame(_mac(self._secret, b"server", conn.nonce, client_nonce)))
 
     def _request(self, conn: _Conn, payload: bytes) -> None:
@@ -401,6 +409,7 @@ class StoreServer:
     def _drop(self, conn: _Conn, silent: bool = False) -> None:
         if self._conns.pop(conn.sock, None) is None:
             return
+        self._unauthenticated.pop(conn.sock, None)
         with contextlib.suppress(KeyError, ValueError, OSError):
             self._sel.unregister(conn.sock)
         with contextlib.suppress(OSError):
@@ -510,7 +519,8 @@ class StoreServer:
         if conn.who is not None and self._hb_timeout is not None:
             conn.expect_by = time.monotonic() + self._hb_timeout
         self._reply(conn, {"ok": ok})
-        self._process(conn)
+        # Not here: this may run inside another connection's request (its ``set``).
+        self._resume.append(conn)
 
     # Server-side access for ``on_lost`` (same semantics as the client's ops).
     def local_get(self, key: str) -> str | None:
