@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from smdist import config as cfg
-from smdist.agent import access
+from smdist.agent import access, store
 from smdist.agent.store import MAGIC, NONCE_BYTES, StoreClient, StoreRefused, StoreServer, _mac
 from smdist.errors import ConfigError, RendezvousFailed
 from tests.helpers import free_port, make_tree, start, wait_for, write_script
@@ -300,6 +300,7 @@ def test_the_store_names_a_silent_or_vanished_host_and_nobody_else() -> None:
         with pytest.raises(RendezvousFailed, match="'algo-9' is not one of the job's hosts"):
             StoreClient("127.0.0.1", server.port, 5, "t", "algo-9", secret=secret)
         silent = StoreClient("127.0.0.1", server.port, 5, "t", "algo-2", secret=secret)
+        assert not silent.wait(["never"], 0.05)  # its watcher started, then froze
         while not told.is_set():
             assert not beating.wait(["never"], 0.2)  # algo-1 beats; algo-2 says nothing
         assert lost[0][0] == "algo-2" and lost[0][1].startswith("no heartbeat for ")
@@ -318,5 +319,22 @@ def test_the_store_names_a_silent_or_vanished_host_and_nobody_else() -> None:
         assert told.wait(10)
         waiter.join(10)
         assert lost[1:] == [("algo-1", "its agent's connection closed")]
+    finally:
+        server.close()
+
+
+def test_a_wait_longer_than_the_servers_bound_is_several_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server refuses one wait over MAX_WAIT_S (an hour); the client splits a longer one
+    (an install timeout may be longer) instead of failing the job."""
+    monkeypatch.setattr(store, "MAX_WAIT_S", 0.2)
+    server = StoreServer(0, secret=b"s" * 32)
+    try:
+        client = StoreClient("127.0.0.1", server.port, 5, "t", secret=b"s" * 32)
+        assert not client.wait(["never"], 0.5)
+        later = threading.Timer(0.5, lambda: server.local_compare_set("soon", None, "1"))
+        later.start()
+        assert client.wait(["soon"], 30)
     finally:
         server.close()

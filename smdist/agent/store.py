@@ -15,7 +15,9 @@ One thread serves every connection around a selector, and waits are registered p
 1024 agents heartbeating cost one request each per interval, not a wake-up of every waiter
 (bench/store_load.py). An identified connection (``hello``) is an agent's watcher: its
 waits are its heartbeats, and the server calls ``on_lost`` when it closes without the host
-having left or when its next request is late by more than the heartbeat timeout.
+having left or, once its first wait arrived (the watcher starts with the workers, so a host
+still installing is judged by its connection alone), when its next request is late by more
+than the heartbeat timeout.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import heapq
 import hmac
 import json
 import logging
+import math
 import os
 import selectors
 import socket
@@ -93,7 +96,7 @@ class _Conn:
         self.authed = False
         self.who: str | None = None
         self.waiting: _Waiter | None = None
-        self.expect_by = 0.0
+        self.expect_by = math.inf  # armed by its first wait: its watcher has started
         self.bad = 0
         self.opened = time.monotonic()
 
@@ -351,7 +354,7 @@ class StoreServer:
         self._send(conn, _frame(_mac(self._secret, b"server", conn.nonce, client_nonce)))
 
     def _request(self, conn: _Conn, payload: bytes) -> None:
-        if conn.who is not None and self._hb_timeout is not None:
+        if conn.expect_by != math.inf and self._hb_timeout is not None:
             conn.expect_by = time.monotonic() + self._hb_timeout
         try:
             try:
@@ -436,8 +439,6 @@ class StoreServer:
                 raise BadRequest(f"{host} is already connected")
             conn.who = host
             self._identified[host] = conn
-            if self._hb_timeout is not None:
-                conn.expect_by = time.monotonic() + self._hb_timeout
             return {"ok": True}
         if op == "set":
             self._set(_str(req, "key", key=True), _str(req, "value"))
@@ -516,7 +517,7 @@ class StoreServer:
         self._unwait(waiter)
         if conn.sock not in self._conns:
             return
-        if conn.who is not None and self._hb_timeout is not None:
+        if conn.expect_by != math.inf and self._hb_timeout is not None:
             conn.expect_by = time.monotonic() + self._hb_timeout
         self._reply(conn, {"ok": ok})
         # Not here: this may run inside another connection's request (its ``set``).
@@ -684,9 +685,14 @@ class StoreClient:
 
     def wait(self, keys: Iterable[str], timeout_s: float, *, all_keys: bool = True) -> bool:
         """Block (server-side) until the keys exist; False when ``timeout_s`` passed first."""
-        timeout_s = max(0.0, timeout_s)
-        reply = self._call(timeout_s, op="wait", keys=list(keys), all=all_keys, timeout=timeout_s)
-        return bool(reply["ok"])
+        keys = list(keys)
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:  # the server bounds one wait at MAX_WAIT_S; a longer one is several
+            chunk = min(max(0.0, deadline - time.monotonic()), MAX_WAIT_S)
+            if self._call(chunk, op="wait", keys=keys, all=all_keys, timeout=chunk)["ok"]:
+                return True
+            if time.monotonic() >= deadline:
+                return False
 
 
 def _connect(
