@@ -211,17 +211,24 @@ def _wait_logged(
 ) -> None:
     """Wait for ``keys`` with a progress line every 10 s and a deadline.
 
-    Each key's arrival wakes the wait, and so does the job's ``abort`` (another host was
-    stopped, or failed, before the workers ran): then this host leaves the rendezvous too.
+    The wait ends when every key is there, or when the job's ``abort`` appears (another host
+    was stopped, or failed, before the workers ran): then this host leaves the rendezvous too.
     """
     start = time.monotonic()
     next_note = start + 10.0
     while True:
-        have = client.prefix("")
-        if ABORT in have:
-            event = JobEvent.from_json(have[ABORT])
+        # One wait for all of them (or the abort): with a thousand hosts, the master is woken
+        # once, not per arrival, and nobody fetches the whole store.
+        left = timeout_s - (time.monotonic() - start)
+        wait_s = max(0.0, min(next_note - time.monotonic(), left))
+        arrived = client.wait(keys, wait_s, or_keys=[ABORT])
+        abort = client.get(ABORT)
+        if abort is not None:
+            event = JobEvent.from_json(abort)
             raise JobAborted(event.headline, event.exit_code or 1)
-        missing = [k for k in keys if k not in have]
+        if arrived:
+            return
+        missing = client.missing(keys)
         if not missing:
             return
         now = time.monotonic()
@@ -245,7 +252,6 @@ def _wait_logged(
                 timeout_s,
             )
             next_note = now + 10.0
-        client.wait([*missing, ABORT], min(next_note - now, left), all_keys=False)
 
 
 def stop_event(stop: StopRequested, host: str) -> JobEvent:
@@ -560,18 +566,12 @@ class StoreCoordinator:
                 return []
             have = self._ctl.prefix(PUBLISHED)
             return [k for k in keys if PUBLISHED + k not in have]
-        deadline = time.monotonic() + timeout_s
-        while True:
-            have = self._ctl.prefix(PUBLISHED)
-            missing = [k for k in keys if PUBLISHED + k not in have]
-            abort = self._ctl.get(ABORT)
-            if abort is not None:
-                self._set_event(JobEvent.from_json(abort))
-            left = deadline - time.monotonic()
-            if not missing or abort is not None or left <= 0:
-                return missing
-            # Wakes when the first missing key or the abort appears: no polling.
-            self._ctl.wait([PUBLISHED + missing[0], ABORT], left, all_keys=False)
+        # Wakes when every key or the abort is there: no polling, one wake-up.
+        self._ctl.wait(full, timeout_s, or_keys=[ABORT])
+        abort = self._ctl.get(ABORT)
+        if abort is not None:
+            self._set_event(JobEvent.from_json(abort))
+        return [k.removeprefix(PUBLISHED) for k in self._ctl.missing(full)]
 
     def published(self, prefix: str) -> dict[str, str]:
         items = self._ctl.prefix(PUBLISHED + prefix)

@@ -105,11 +105,17 @@ class _Conn:
 
 
 class _Waiter:
-    __slots__ = ("conn", "done", "keys", "missing", "need_all")
+    __slots__ = ("conn", "distinct", "done", "missing", "need_all", "stop_keys")
 
-    def __init__(self, conn: _Conn, keys: list[str], missing: set[str], need_all: bool) -> None:
-        self.conn, self.keys, self.missing, self.need_all = conn, keys, missing, need_all
+    def __init__(
+        self, conn: _Conn, distinct: int, missing: set[str], need_all: bool, stop: set[str]
+    ) -> None:
+        self.conn, self.distinct, self.missing, self.need_all = conn, distinct, missing, need_all
+        self.stop_keys = stop
         self.done = False
+
+    def ready(self) -> bool:
+        return not self.missing if self.need_all else len(self.missing) < self.distinct
 
 
 class BadRequest(ValueError):
@@ -125,6 +131,15 @@ def _str(req: dict[str, Any], field: str, *, key: bool = False, none: bool = Fal
     if key and not 0 < len(value) <= MAX_KEY_CHARS:
         raise BadRequest(f"{field!r} must be 1 to {MAX_KEY_CHARS} characters")
     return value
+
+
+def _keys(req: dict[str, Any], field: str, *, required: bool = True) -> list[str]:
+    keys = req.get(field, None if required else [])
+    if not isinstance(keys, list) or (required and not keys) or len(keys) > 1 << 16:
+        raise BadRequest(f"{field!r} must be a list of {int(required)} to 65536 keys")
+    if not all(isinstance(k, str) and 0 < len(k) <= MAX_KEY_CHARS for k in keys):
+        raise BadRequest(f"every key in {field!r} must be a string of 1 to 1024 characters")
+    return keys
 
 
 class StoreServer:
@@ -464,27 +479,26 @@ class StoreServer:
             return {"items": {k: v for k, v in self._data.items() if k.startswith(p)}}
         if op == "wait":
             return self._wait(conn, req)
+        if op == "missing":
+            return {"keys": [k for k in _keys(req, "keys") if k not in self._data]}
         raise BadRequest(f"unknown op {str(op)[:40]!r}")
 
     def _wait(self, conn: _Conn, req: dict[str, Any]) -> dict[str, Any] | None:
-        keys, need_all, timeout = req.get("keys"), req.get("all", True), req.get("timeout")
-        if not isinstance(keys, list) or not keys or len(keys) > 1 << 16:
-            raise BadRequest("'keys' must be a list of 1 to 65536 keys")
-        if not all(isinstance(k, str) and 0 < len(k) <= MAX_KEY_CHARS for k in keys):
-            raise BadRequest("every key must be a string of 1 to 1024 characters")
+        """Until ``keys`` (all, or any) exist, or any of the ``or`` keys does (the job's
+        abort ending a wait for something else), or ``timeout``; ok: the keys are there."""
+        keys, need_all, timeout = _keys(req, "keys"), req.get("all", True), req.get("timeout")
+        stop = set(_keys(req, "or", required=False))
         if not isinstance(need_all, bool):
             raise BadRequest("'all' must be true or false")
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
             raise BadRequest("'timeout' must be a number of seconds")
         if not 0 <= timeout <= MAX_WAIT_S:
             raise BadRequest(f"'timeout' must be 0 to {MAX_WAIT_S:.0f} s")
-        missing = {k for k in keys if k not in self._data}
-        if not missing or (not need_all and len(missing) < len(set(keys))):
-            return {"ok": True}
-        if timeout == 0:
-            return {"ok": False}
-        waiter = _Waiter(conn, keys, missing, need_all)
-        for k in missing:
+        waiter = _Waiter(conn, len(set(keys)), {k for k in keys if k not in self._data},
+                         need_all, stop)  # fmt: skip
+        if waiter.ready() or timeout == 0 or any(k in self._data for k in stop):
+            return {"ok": waiter.ready()}
+        for k in waiter.missing | stop:
             self._waiters.setdefault(k, set()).add(waiter)
         conn.waiting = waiter
         deadline = time.monotonic() + timeout
@@ -499,13 +513,13 @@ class StoreServer:
         waiters = self._waiters.pop(key, None)
         for waiter in waiters or ():
             waiter.missing.discard(key)
-            if not waiter.missing or not waiter.need_all:
-                self._finish(waiter, ok=True)
+            if not waiter.done and (key in waiter.stop_keys or waiter.ready()):
+                self._finish(waiter, ok=waiter.ready())
 
     def _unwait(self, waiter: _Waiter) -> None:
         waiter.done = True
         waiter.conn.waiting = None
-        for k in waiter.missing:
+        for k in waiter.missing | waiter.stop_keys:
             group = self._waiters.get(k)
             if group is not None:
                 group.discard(waiter)
@@ -683,16 +697,32 @@ class StoreClient:
         items: dict[str, str] = self._call(op="prefix", prefix=prefix)["items"]
         return items
 
-    def wait(self, keys: Iterable[str], timeout_s: float, *, all_keys: bool = True) -> bool:
-        """Block (server-side) until the keys exist; False when ``timeout_s`` passed first."""
+    def wait(
+        self,
+        keys: Iterable[str],
+        timeout_s: float,
+        *,
+        all_keys: bool = True,
+        or_keys: Sequence[str] = (),
+    ) -> bool:
+        """Block (server-side) until the keys exist; False when ``timeout_s`` passed first,
+        or when one of ``or_keys`` appeared first (e.g. the job's abort)."""
         keys = list(keys)
         deadline = time.monotonic() + max(0.0, timeout_s)
         while True:  # the server bounds one wait at MAX_WAIT_S; a longer one is several
             chunk = min(max(0.0, deadline - time.monotonic()), MAX_WAIT_S)
-            if self._call(chunk, op="wait", keys=keys, all=all_keys, timeout=chunk)["ok"]:
+            reply = self._call(
+                chunk, op="wait", keys=keys, all=all_keys, timeout=chunk, **{"or": list(or_keys)}
+            )
+            if reply["ok"]:
                 return True
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or or_keys:
                 return False
+
+    def missing(self, keys: Sequence[str]) -> list[str]:
+        """Those of ``keys`` the store does not hold (without fetching any value)."""
+        absent: list[str] = self._call(op="missing", keys=list(keys))["keys"]
+        return absent
 
 
 def _connect(
