@@ -202,3 +202,26 @@ def test_a_requirement_that_does_not_exist_fails_every_host(
         assert "smdist-no-such-package" in lines[0], lines
         assert "Traceback" not in log, fit.logs()
     assert not json_members(fit, "data/requirement-"), sorted(fit.output)  # never ran
+
+
+# --------------------------------------------------------------------------- issue 15
+
+
+def test_a_slow_rank_0_save_in_the_shared_model_dir(local_mode: LocalMode, tmp_path: Path) -> None:
+    # Local mode mounts ONE model dir into both containers: the other host finishes while
+    # rank 0 is still writing, model.bin through smdist's API and direct.bin with open().
+    # Nothing may be lost, clash or warn.
+    fit = local_mode.fit(
+        "slow-save",
+        source_dir=source_dir(tmp_path, "slow_save.py"),
+        entry_point="slow_save.py",
+        hyperparameters={"seconds": 4, "seed": 7},
+    )
+    assert fit.ok, fit.logs()
+    assert sorted(fit.model) == ["direct.bin", "model.bin"], sorted(fit.model)
+    whole = hashlib.sha256(b"7").digest() * ((4 << 20) // 32)
+    for name in ("direct.bin", "model.bin"):
+        assert fit.model[name] == whole, f"{name} is not whole"
+    for host, log in fit.container_logs.items():
+        for word in ("ModelDirClash", "same content", "left by a write that never finished"):
+            assert word not in log, (host, word, fit.logs())
