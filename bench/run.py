@@ -36,7 +36,7 @@ MEASUREMENTS = (
 DEFAULT = tuple(m for m in MEASUREMENTS if m != "relay-errors")
 # Measurements another issue wrote as a module of its own (``python -m bench.NAME``, its own
 # JSON): run after the others when the module is there, each with its own table.
-EXTERNAL = {"resilience": "bench.resilience"}
+EXTERNAL = {"resilience": "bench.resilience", "store-load": "bench.store_load"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -202,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: -> {path}", file=sys.stderr)
     if not ns.no_docs:
         report.write_docs(ns.results, ns.docs)
+        if (ns.results / "store-load.json").exists():
+            from bench import store_load  # its own section, table and chart
+
+            store_load.write_docs(ns.results, ns.docs)
         print(f"bench: tables -> {ns.docs}", file=sys.stderr)
     return 0
 

@@ -44,3 +44,30 @@ def test_quick_relay_run_writes_results_and_docs(tmp_path: Path) -> None:
     assert "prose kept" in text  # hand-written text around the tables survives
     assert "### 4. Log relay" in text
     assert "| smdist |" in text
+
+
+def test_store_load_bench_drives_the_real_store_end_to_end(tmp_path: Path) -> None:
+    """bench/store_load.py at a toy size: joins, heartbeats, the barrier and an abort."""
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nprose kept\n")
+    results = tmp_path / "results"
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.store_load", "--sizes", "8", "--runs", "1"),
+            *("--steady", "1", "--results", str(results), "--docs", str(docs)),
+        ],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads((results / "store-load.json").read_text())["sizes"]["8"]["runs"]
+    assert {r["ending"]: r["outcome"] for r in runs} == {
+        "barrier": ["alldone"],
+        "abort": ["failure"],
+    }
+    assert all(r["master_exit"] == 0 and r["plan_s"] > 0 for r in runs)
+    text = docs.read_text()
+    assert "prose kept" in text and "| 8 |" in text

@@ -602,9 +602,11 @@ class StoreCoordinator:
                     keys.append(INVENTORIED_ALL)
                 # Each wait is also this host's heartbeat: the master's store declares a
                 # host lost whose next one is late, so no agent reads every other's.
-                if self._watch.wait(keys, s.heartbeat_interval_s, all_keys=False):
-                    ended = self._watch.get(ABORT) is not None or self._watch.get(ALL_DONE)
-                    if not ended and not inventoried and self._watch.get(FINISHED_ALL):
+                # The reply carries the keys' values: an abort reaches a watcher in one trip.
+                got = self._watch.wait_values(keys, s.heartbeat_interval_s)
+                if got is not None:
+                    ended = got.get(ABORT) is not None or got.get(ALL_DONE)
+                    if not ended and not inventoried and got.get(FINISHED_ALL):
                         inventoried = True  # hashing may take a while: the beats go on
                         threading.Thread(
                             target=self._publish_inventory, name="smdist-inventory", daemon=True
@@ -614,12 +616,12 @@ class StoreCoordinator:
                         not ended
                         and self._server is not None
                         and not verdict_given
-                        and self._watch.get(INVENTORIED_ALL)
+                        and got.get(INVENTORIED_ALL)
                     ):
                         verdict_given = True
                         self._verdict()
                         continue
-                    abort = self._watch.get(ABORT)
+                    abort = got.get(ABORT)
                     if abort is not None:
                         self._set_event(JobEvent.from_json(abort))
                     else:

@@ -105,7 +105,7 @@ class _Conn:
 
 
 class _Waiter:
-    __slots__ = ("conn", "distinct", "done", "missing", "need_all", "stop_keys")
+    __slots__ = ("conn", "distinct", "done", "missing", "need_all", "stop_keys", "values")
 
     def __init__(
         self, conn: _Conn, distinct: int, missing: set[str], need_all: bool, stop: set[str]
@@ -113,6 +113,8 @@ class _Waiter:
         self.conn, self.distinct, self.missing, self.need_all = conn, distinct, missing, need_all
         self.stop_keys = stop
         self.done = False
+        self.values: list[str] | None = None
+        """Keys whose values the reply carries (saves each watcher a round trip)."""
 
     def ready(self) -> bool:
         return not self.missing if self.need_all else len(self.missing) < self.distinct
@@ -488,6 +490,9 @@ class StoreServer:
         abort ending a wait for something else), or ``timeout``; ok: the keys are there."""
         keys, need_all, timeout = _keys(req, "keys"), req.get("all", True), req.get("timeout")
         stop = set(_keys(req, "or", required=False))
+        values = req.get("values", False)
+        if not isinstance(values, bool) or (values and len(keys) + len(stop) > 64):
+            raise BadRequest("'values' must be true or false, and true only for up to 64 keys")
         if not isinstance(need_all, bool):
             raise BadRequest("'all' must be true or false")
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
@@ -496,8 +501,10 @@ class StoreServer:
             raise BadRequest(f"'timeout' must be 0 to {MAX_WAIT_S:.0f} s")
         waiter = _Waiter(conn, len(set(keys)), {k for k in keys if k not in self._data},
                          need_all, stop)  # fmt: skip
+        if values:
+            waiter.values = [*keys, *stop]
         if waiter.ready() or timeout == 0 or any(k in self._data for k in stop):
-            return {"ok": waiter.ready()}
+            return self._outcome(waiter)
         for k in waiter.missing | stop:
             self._waiters.setdefault(k, set()).add(waiter)
         conn.waiting = waiter
@@ -507,6 +514,13 @@ class StoreServer:
         self._seq += 1
         heapq.heappush(self._timers, (deadline, self._seq, waiter))
         return None
+
+    def _outcome(self, waiter: _Waiter) -> dict[str, Any]:
+        reply: dict[str, Any] = {"ok": waiter.ready()}
+        if waiter.values is not None:
+            data = self._data
+            reply["values"] = {k: data[k] for k in waiter.values if k in data}
+        return reply
 
     def _set(self, key: str, value: str) -> None:
         self._data[key] = value
@@ -533,7 +547,7 @@ class StoreServer:
             return
         if conn.expect_by != math.inf and self._hb_timeout is not None:
             conn.expect_by = time.monotonic() + self._hb_timeout
-        self._reply(conn, {"ok": ok})
+        self._reply(conn, self._outcome(waiter))
         # Not here: this may run inside another connection's request (its ``set``).
         self._resume.append(conn)
 
@@ -718,6 +732,15 @@ class StoreClient:
                 return True
             if time.monotonic() >= deadline or or_keys:
                 return False
+
+    def wait_values(self, keys: Sequence[str], timeout_s: float) -> dict[str, str] | None:
+        """Wait until any of ``keys`` exists (at most ``timeout_s``); return the values of
+        those present then, in the same reply, or None when none came."""
+        reply = self._call(
+            timeout_s, op="wait", keys=list(keys), all=False, timeout=timeout_s, values=True
+        )
+        values: dict[str, str] = reply.get("values", {})
+        return values if reply["ok"] else None
 
     def missing(self, keys: Sequence[str]) -> list[str]:
         """Those of ``keys`` the store does not hold (without fetching any value)."""
