@@ -208,6 +208,8 @@ def job(n: int, ending: str, steady_s: float) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             master.kill()
             stdout, stderr = master.communicate()
+        if "plan_s" not in out or master.returncode != 0:
+            print(f"store-load: the master's log:\n{stderr[-3000:]}", file=sys.stderr)
     lines = [json.loads(ln) for ln in stdout.splitlines() if ln.startswith("{")]
     outcome = next((ln for ln in lines if "outcome_at" in ln), {})
     out["master_outcome"] = outcome.get("kind")
@@ -222,6 +224,9 @@ def measure(sizes: tuple[int, ...], runs: int, steady_s: float) -> dict[str, Any
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     threading.stack_size(512 * 1024)  # a thousand simulated agents' threads, not their stacks
+    # A thousand threads on one GIL: hand it over more often, so none starves for long (a
+    # real agent has its host to itself).
+    sys.setswitchinterval(0.0005)
     logging.getLogger("smdist").setLevel(logging.WARNING)
     results: dict[str, Any] = {"sizes": {}, "steady_s": steady_s, "runs": runs}
     for n in sizes:

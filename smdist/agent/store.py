@@ -47,8 +47,8 @@ MAX_REQUEST_BYTES = 16 << 20  # an inventory of a large model dir fits; a runawa
 MAX_REPLY_BYTES = 256 << 20
 MAX_KEY_CHARS = 1024
 MAX_WAIT_S = 3600.0
-HANDSHAKE_TIMEOUT_S = 10.0
-MAX_UNAUTHENTICATED = 256
+HANDSHAKE_TIMEOUT_S = 30.0  # a thousand agents joining at once answer late, not never
+MAX_UNAUTHENTICATED = 1024  # beyond it, accepting pauses (the kernel's backlog holds the rest)
 BAD_REQUESTS_LOGGED = 3  # per connection; then one line saying the rest are not
 _HEADER = struct.Struct(">I")
 
@@ -178,6 +178,7 @@ class StoreServer:
         self._refused: dict[tuple[str, str], int] = {}
         self._lock = threading.RLock()
         self._closing = False
+        self._accepting = True
         self._next_sweep = 0.0
         try:
             if socket.has_dualstack_ipv6():
@@ -283,6 +284,10 @@ class StoreServer:
 
     def _accept(self) -> None:
         while True:
+            if len(self._unauthenticated) >= MAX_UNAUTHENTICATED:
+                self._sel.unregister(self._sock)  # resumed as handshakes finish
+                self._accepting = False
+                return
             try:
                 sock, addr = self._sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -295,10 +300,6 @@ class StoreServer:
                 self._refuse(peer, "address", "not one of the job's hosts' addresses")
                 sock.close()
                 continue
-            if len(self._unauthenticated) >= MAX_UNAUTHENTICATED:
-                self._refuse(peer, "busy", "too many connections authenticating at once")
-                sock.close()
-                continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = _Conn(sock, peer, int(addr[1]))
@@ -306,6 +307,11 @@ class StoreServer:
             self._unauthenticated[sock] = conn
             self._sel.register(sock, selectors.EVENT_READ, conn)
             self._send(conn, _frame(MAGIC + conn.nonce))
+
+    def _resume_accepting(self) -> None:
+        if not self._accepting and len(self._unauthenticated) < MAX_UNAUTHENTICATED:
+            self._accepting = True
+            self._sel.register(self._sock, selectors.EVENT_READ, None)
 
     def _refuse(self, address: str, kind: str, why: str) -> None:
         """One line per address and kind of refusal at the 1st, 10th, 100th, ... time:
@@ -368,6 +374,7 @@ class StoreServer:
             return
         conn.authed = True
         del self._unauthenticated[conn.sock]
+        self._resume_accepting()
         self._send(conn, _frame(_mac(self._secret, b"server", conn.nonce, client_nonce)))
 
     def _request(self, conn: _Conn, payload: bytes) -> None:
@@ -430,6 +437,7 @@ class StoreServer:
         if self._conns.pop(conn.sock, None) is None:
             return
         self._unauthenticated.pop(conn.sock, None)
+        self._resume_accepting()
         with contextlib.suppress(KeyError, ValueError, OSError):
             self._sel.unregister(conn.sock)
         with contextlib.suppress(OSError):
