@@ -224,9 +224,6 @@ def measure(sizes: tuple[int, ...], runs: int, steady_s: float) -> dict[str, Any
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     threading.stack_size(512 * 1024)  # a thousand simulated agents' threads, not their stacks
-    # A thousand threads on one GIL: hand it over more often, so none starves for long (a
-    # real agent has its host to itself).
-    sys.setswitchinterval(0.0005)
     logging.getLogger("smdist").setLevel(logging.WARNING)
     results: dict[str, Any] = {"sizes": {}, "steady_s": steady_s, "runs": runs}
     for n in sizes:
