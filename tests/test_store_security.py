@@ -292,7 +292,8 @@ def test_the_store_names_a_silent_or_vanished_host_and_nobody_else() -> None:
         told.set()
 
     secret = b"s" * 32
-    server = StoreServer(0, on_lost=on_lost, secret=secret, hosts=HOSTS, heartbeat_timeout_s=0.5)
+    # 2 s against a beat every 0.2 s: a loaded machine stalling this thread cannot make algo-1 late.
+    server = StoreServer(0, on_lost=on_lost, secret=secret, hosts=HOSTS, heartbeat_timeout_s=2.0)
     try:
         beating = StoreClient("127.0.0.1", server.port, 5, "t", "algo-1", secret=secret)
         with pytest.raises(RendezvousFailed, match="algo-1 is already connected"):
