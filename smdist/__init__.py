@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from typing import Any
 
+    from smdist.steps import progress
     from smdist.worker.api import Context, init, main
     from smdist.worker.artifacts import (
         checkpoint_path,
@@ -48,6 +49,7 @@ __all__ = [
     "model_path",
     "open_checkpoint_file",
     "open_model_file",
+    "progress",
     "save",
     "save_checkpoint",
 ]
@@ -63,6 +65,11 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module("smdist.worker.artifacts"), name)
     if name == "channel":
         return importlib.import_module("smdist.worker.channels").channel
+    if name == "progress":  # called once per step: resolved once, then a plain attribute
+        from smdist.steps import progress
+
+        globals()["progress"] = progress
+        return progress
     if name == "fail":
         return importlib.import_module("smdist.worker.fail").fail
     raise AttributeError(f"module 'smdist' has no attribute {name!r}")

@@ -58,6 +58,12 @@ ERROR_FILE_ENV = "SMDIST_ERROR_FILE"
 CONTROL_FILE_ENV = "SMDIST_CONTROL_FILE"
 """Where the agent says why it is about to signal the rank (``RunDir.control_file``)."""
 CHECKPOINT_DIR_ENV = "SMDIST_CHECKPOINT_DIR"
+STEPS_FILE_ENV = "SMDIST_STEPS_FILE"
+"""The rank's step counter, mapped into its memory (``RunDir.steps_file``, ``smdist.steps``)."""
+RESTART_COUNT_ENV = "SMDIST_RESTART_COUNT"
+"""Which restart of the job this attempt is (0: the first; torchrun: TORCHELASTIC_RESTART_COUNT)."""
+MAX_RESTARTS_ENV = "SMDIST_MAX_RESTARTS"
+"""The job's restart budget (also read by the agent, as --max-restarts' default)."""
 MPI_JOB_DIR_ENV = "SMDIST_MPI_JOB_DIR"
 """The MPI job directory: one link per host to that host's ``RunDir`` (``host.json``)."""
 MPI_FORWARDED_ENV = "SMDIST_MPI_FORWARDED"
@@ -148,6 +154,9 @@ class RunDir:
 
     def control_file(self, rank: int | str) -> Path:
         return self.path / f"rank-{rank}.control.json"
+
+    def steps_file(self, rank: int | str) -> Path:
+        return self.path / f"rank-{rank}.steps"
 
     @property
     def host_file(self) -> Path:
@@ -485,6 +494,8 @@ class Category:
     USER_SCRIPT_ERROR = "UserScriptError"
     KILLED = "Killed"
     PEER_FAILURE = "PeerFailure"
+    HANG = "Hang"
+    """No progress for --hang-timeout (the agent's hang check, not a death)."""
     # smdist's own stages (smdist.errors).
     SMDIST_ERROR = "SmdistError"
     CONFIG_ERROR = "ConfigError"

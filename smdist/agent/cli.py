@@ -88,6 +88,8 @@ def _options(ns: argparse.Namespace, entry: list[str], base_dir: Path | None):  
         install_timeout_s=ns.install_timeout,
         settings_line=ns.settings_line,
         nproc_given=ns.settings_sources["nproc_per_host"] != "default",
+        max_restarts=ns.max_restarts,
+        hang_timeout_s=ns.hang_timeout,
     )
 
 
@@ -153,6 +155,10 @@ def _agent_flags(ns: argparse.Namespace) -> list[str]:
         flags += ["--backend", ns.backend]
     if ns.no_hyperparameter_args:
         flags.append("--no-hyperparameter-args")
+    if ns.max_restarts is not None:
+        flags += ["--max-restarts", str(ns.max_restarts)]
+    if ns.hang_timeout is not None:
+        flags += ["--hang-timeout", str(ns.hang_timeout)]
     return flags
 
 

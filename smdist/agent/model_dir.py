@@ -239,12 +239,17 @@ class ModelDir:
                 self.sharing[0],
             )
 
-    def finish(self) -> Inventory:
-        """After every host's workers finished: remove this host's abandoned temp files and
-        return the inventory for the clash check (empty when another host reports it)."""
+    def remove_unfinished_writes(self) -> None:
+        """This host's temp files of writes its killed workers never finished (never a
+        checkpoint to resume from, never in model.tar.gz). Only while none of them runs."""
         for d in (self.paths.model_dir, self.paths.checkpoints_dir):
             for path in remove_temp_files(d, owner=self.host):
                 log.info("removed %s, left by a write that never finished", path)
+
+    def finish(self) -> Inventory:
+        """After every host's workers finished: remove this host's abandoned temp files and
+        return the inventory for the clash check (empty when another host reports it)."""
+        self.remove_unfinished_writes()
         if len(self.hosts) == 1 or self.sharing[0] != self.host:
             return {}  # nothing to clash with, or the same files reported by another host
         return inventory(self.paths.model_dir)

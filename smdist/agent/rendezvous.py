@@ -38,6 +38,8 @@ PUBLISHED = "pub/"  # keys of Coordinator.publish, apart from the coordinator's 
 STOP_NOTICE_S = 1.0
 """How long a host stopped at the rendezvous spends telling the others (bounded: a stop
 must end the agent within a second or two)."""
+STACKS = "stacks"  # a hang check was asked for: every host reports its ranks' stacks
+STACKS_OF = "stacks/"
 
 Inventory = Mapping[str, tuple[int, str]]
 """A host's model dir: relative path -> (size, sha256)."""
@@ -70,6 +72,16 @@ class JobEvent:
     @staticmethod
     def from_json(text: str) -> JobEvent:
         return JobEvent(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Departure:
+    """What an attempt's hosts handed over as they left (everyone's on the master)."""
+
+    failures: dict[str, list[WorkerFailure]]
+    """Other hosts' failed workers, by host."""
+    step_rates: dict[int, float]
+    """Steps per second by rank (this host's; every host's on the master)."""
 
 
 @dataclass(frozen=True)
@@ -123,9 +135,22 @@ class Coordinator(Protocol):
     def published(self, prefix: str) -> dict[str, str]:
         """Every published key under ``prefix`` (keys as given to ``publish``)."""
 
-    def close(self, failures: Sequence[WorkerFailure] = ()) -> dict[str, list[WorkerFailure]]:
-        """Leave the job, handing over this host's failures; the master gets every other
-        host's back, so its report covers every rank."""
+    def request_stacks(self) -> None:
+        """A hang: ask every host for its ranks' stacks and progress."""
+
+    def stacks_requested(self) -> bool: ...
+
+    def put_stacks(self, ranks: Sequence[Mapping[str, Any]]) -> None:
+        """This host's answer to a hang check (``hang.rank_report`` per rank)."""
+
+    def stacks(self) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+        """The hang check's answers by host, and the hosts that have not answered yet."""
+
+    def close(
+        self, failures: Sequence[WorkerFailure] = (), step_rates: Mapping[int, float] | None = None
+    ) -> Departure:
+        """Leave the attempt, handing over this host's failures and step rates; the master
+        gets every other host's back, so its report covers every rank."""
 
     def stop_before_workers(self, event: JobEvent) -> None:
         """A stop reached this host after the rendezvous but before its workers ran (a
@@ -141,6 +166,8 @@ class LocalCoordinator:
         self._event: JobEvent | None = None
         self._done = False
         self._published: dict[str, str] = {}
+        self._stacks_requested = False
+        self._stacks: list[dict[str, Any]] | None = None
 
     def report(self, event: JobEvent) -> JobEvent:
         if self._event is None:
@@ -175,8 +202,22 @@ class LocalCoordinator:
     def published(self, prefix: str) -> dict[str, str]:
         return {k: v for k, v in self._published.items() if k.startswith(prefix)}
 
-    def close(self, failures: Sequence[WorkerFailure] = ()) -> dict[str, list[WorkerFailure]]:
-        return {}
+    def request_stacks(self) -> None:
+        self._stacks_requested = True
+
+    def stacks_requested(self) -> bool:
+        return self._stacks_requested
+
+    def put_stacks(self, ranks: Sequence[Mapping[str, Any]]) -> None:
+        self._stacks = [dict(r) for r in ranks]
+
+    def stacks(self) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+        return ({"this host": self._stacks} if self._stacks is not None else {}), []
+
+    def close(
+        self, failures: Sequence[WorkerFailure] = (), step_rates: Mapping[int, float] | None = None
+    ) -> Departure:
+        return Departure({}, dict(step_rates or {}))
 
     def stop_before_workers(self, event: JobEvent) -> None:
         self.report(event)
@@ -207,7 +248,7 @@ def check_port_free(port: int, what: str, host: str) -> None:
 
 
 def _wait_logged(
-    client: StoreClient, keys: Sequence[str], timeout_s: float, what: str, where: str
+    client: Scoped, keys: Sequence[str], timeout_s: float, what: str, where: str
 ) -> None:
     """Wait for ``keys`` with a progress line every 10 s and a deadline.
 
@@ -273,6 +314,7 @@ def _announce_stop(
     master: str,
     hosts: Sequence[str],
     secret: bytes,
+    scope: str,
 ) -> None:
     """Tell the hosts at the rendezvous that this one was stopped (a job-wide stop).
 
@@ -280,7 +322,9 @@ def _announce_stop(
     keeps its store up a moment (bounded) so the hosts that joined read why it ends."""
     _import_store()
     try:
-        client = StoreClient(address, settings.port, STOP_NOTICE_S, master, secret=secret)
+        client = Scoped(
+            StoreClient(address, settings.port, STOP_NOTICE_S, master, secret=secret), scope
+        )
     except RendezvousFailed:
         return  # the store is not up (yet, or any more): nobody to tell
     try:
@@ -292,7 +336,7 @@ def _announce_stop(
         client.close()
 
 
-def _leave_early(client: StoreClient, current_host: str, master: str, hosts: Sequence[str]) -> None:
+def _leave_early(client: Scoped, current_host: str, master: str, hosts: Sequence[str]) -> None:
     """Leave a rendezvous the job's ``abort`` ends: the master waits (bounded) for the hosts
     that joined to read why before its store goes; the others say they left."""
     if current_host == master:
@@ -302,6 +346,244 @@ def _leave_early(client: StoreClient, current_host: str, master: str, hosts: Seq
             client.wait(keys, STOP_NOTICE_S)
     else:
         client.set(f"left/{current_host}", "1")
+
+
+class Scoped:
+    """A store client whose keys live under one attempt's prefix (``attempt/3/plan``), so
+    attempts of a restarted job never read each other's plan, events or barrier."""
+
+    def __init__(self, client: StoreClient, prefix: str) -> None:
+        self.client, self.p = client, prefix
+
+    def set(self, key: str, value: str) -> None:
+        self.client.set(self.p + key, value)
+
+    def get(self, key: str) -> str | None:
+        return self.client.get(self.p + key)
+
+    def add(self, key: str, amount: int = 1) -> int:
+        return self.client.add(self.p + key, amount)
+
+    def compare_set(self, key: str, expected: str | None, desired: str) -> str | None:
+        return self.client.compare_set(self.p + key, expected, desired)
+
+    def prefix(self, prefix: str) -> dict[str, str]:
+        items = self.client.prefix(self.p + prefix)
+        return {k.removeprefix(self.p): v for k, v in items.items()}
+
+    def wait(
+        self,
+        keys: Sequence[str],
+        timeout_s: float,
+        *,
+        all_keys: bool = True,
+        or_keys: Sequence[str] = (),
+    ) -> bool:
+        return self.client.wait(
+            [self.p + k for k in keys],
+            timeout_s,
+            all_keys=all_keys,
+            or_keys=[self.p + k for k in or_keys],
+        )
+
+    def missing(self, keys: Sequence[str]) -> list[str]:
+        return [k.removeprefix(self.p) for k in self.client.missing([self.p + k for k in keys])]
+
+    def wait_values(self, keys: Sequence[str], timeout_s: float) -> dict[str, str] | None:
+        got = self.client.wait_values([self.p + k for k in keys], timeout_s)
+        return None if got is None else {k.removeprefix(self.p): v for k, v in got.items()}
+
+    def reopen(self, connect_timeout_s: float) -> Scoped:
+        return Scoped(self.client.reopen(connect_timeout_s), self.p)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def attempt_prefix(attempt: int) -> str:
+    return f"attempt/{attempt}/"
+
+
+class Rendezvous:
+    """The job's meeting point, for every attempt of it.
+
+    Several hosts: the master's agent hosts the store for the whole job (a restarted job
+    meets again on the same port); each attempt meets under its own key prefix with fresh
+    connections, agrees on a fresh plan and ``MASTER_PORT``, and leaves through
+    ``Coordinator.close``. One host: nothing to meet, a ``LocalCoordinator`` per attempt.
+    """
+
+    def __init__(
+        self,
+        current_host: str,
+        hosts: Sequence[str],
+        addresses: Mapping[str, str],
+        settings: RendezvousSettings,
+        check_outputs: CheckOutputs | None = None,
+        take_inventory: Callable[[], Inventory] | None = None,
+        token: str = "",
+        master: str | None = None,
+        *,
+        secret: bytes = b"",
+    ) -> None:
+        """``secret``: the job's (smdist.agent.access), which every agent and the master's
+        store prove they hold; needed when there is more than one host. ``take_inventory``:
+        this host's model-dir inventory, taken once every host's workers finished;
+        ``check_outputs`` (the master's) judges them all. ``token``: this host's random
+        token, handed to every host in the plan. ``master``: the host that hosts the store
+        and the workers' MASTER_ADDR (default the first host; a heterogeneous job's is the
+        first host of its distribution)."""
+        self.host = current_host
+        self.hosts = sorted_hosts(hosts)
+        self.master = master or master_host(self.hosts)
+        self.addresses = dict(addresses)
+        self.settings = settings
+        self.check_outputs = check_outputs
+        self.take_inventory = take_inventory
+        self.token = token
+        self.secret = secret
+        self.attempt = 0
+        self.server: StoreServer | None = None
+        if len(self.hosts) > 1:
+            _import_store()  # only with other hosts to meet (a one-host job never pays)
+        if len(self.hosts) > 1 and current_host == self.master:
+            from smdist.agent.access import allow_list
+
+            allow = allow_list(self.addresses.values())
+            log.info("rendezvous store admits %s (%s)", allow.describe(), allow.source)
+            self.server = StoreServer(
+                settings.port,
+                current_host,
+                on_lost=self._host_gone,
+                secret=secret,
+                admits=allow.admits,
+                hosts=self.hosts,
+                heartbeat_timeout_s=settings.heartbeat_timeout_s,
+            )
+
+    def close(self) -> None:
+        """The job is over on this host (the master's store goes with it)."""
+        if self.server is not None:
+            self.server.close()
+
+    def meet(self, nproc: int, attempt: int = 0) -> tuple[JobPlan, Coordinator]:
+        """Meet the other hosts' agents for ``attempt``; return its plan and coordinator."""
+        self.attempt = attempt
+        if len(self.hosts) == 1:
+            layout = build_layout({self.host: nproc})
+            plan = JobPlan(layout, "127.0.0.1", self._port(attempt))
+            return plan, LocalCoordinator(self.take_inventory)
+        s = self.settings
+        master_addr = self.addresses[self.master]
+        where = f"{self.master} ({master_addr}:{s.port})"
+        connect_to = self._connect_to()
+        scope = attempt_prefix(attempt)
+        ctl: Scoped | None = None
+        try:
+            ctl = Scoped(
+                StoreClient(
+                    connect_to, s.port, s.timeout_s, self.master, secret=self.secret,
+                    reply_timeout_s=max(s.heartbeat_timeout_s, 30.0),
+                ),
+                scope,
+            )  # fmt: skip
+            nprocs = self._agree(ctl, nproc, attempt, where)
+            # Identified: if this agent dies, the master's store sees the connection drop.
+            watch = StoreClient(
+                connect_to, s.port, s.timeout_s, self.master, identity=self.host,
+                secret=self.secret, reply_timeout_s=s.heartbeat_timeout_s,
+            )  # fmt: skip
+        except StopRequested as stop:
+            if ctl is not None or self.server is not None:  # the store is up: tell the others
+                if ctl is not None:
+                    ctl.close()
+                self.announce_stop(stop, attempt)
+            raise
+        except JobAborted:  # another host was stopped (or failed) before the workers ran
+            if ctl is not None:
+                with contextlib.suppress(StoreUnavailable):
+                    _leave_early(ctl, self.host, self.master, self.hosts)
+                ctl.close()
+            raise
+        except BaseException:
+            if ctl is not None:
+                ctl.close()
+            raise
+        plan = json.loads(ctl.get("plan") or "{}")
+        layout = build_layout(nprocs)
+        coordinator = StoreCoordinator(
+            self.host, layout, ctl, Scoped(watch, scope), self.server is not None, s,
+            self.check_outputs, self.take_inventory,
+        )  # fmt: skip
+        port = int(plan["master_port"])
+        return JobPlan(layout, master_addr, port, self.addresses, plan.get("tokens", {})), (
+            coordinator
+        )
+
+    def _connect_to(self) -> str:
+        return "127.0.0.1" if self.server is not None else self.addresses[self.master]
+
+    def announce_stop(self, stop: StopRequested, attempt: int) -> None:
+        """A stop reached this host at (or on its way to) ``attempt``'s meeting: tell the
+        hosts there, so none of them waits out the rendezvous timeout."""
+        if len(self.hosts) > 1:
+            _announce_stop(
+                stop, self.host, self._connect_to(), self.settings, self.master, self.hosts,
+                self.secret, attempt_prefix(attempt),
+            )  # fmt: skip
+
+    def _agree(self, ctl: Scoped, nproc: int, attempt: int, where: str) -> dict[str, int]:
+        """Publish this host's process count; the master publishes the plan; read it."""
+        timeout_s, ordered = self.settings.timeout_s, self.hosts
+        info = {"nproc": nproc, "hosts": list(ordered), "token": self.token}
+        ctl.set(f"host/{self.host}", json.dumps(info))
+        waiting = "every host" if self.server is not None else "the plan"
+        log.info("joined the rendezvous on %s; waiting for %s", where, waiting)
+        if self.server is not None:
+            _wait_logged(ctl, [f"host/{h}" for h in ordered], timeout_s, "hosts", where)
+            joined = ctl.prefix("host/")
+            nprocs: dict[str, int] = {}
+            tokens: dict[str, str] = {}
+            for h in ordered:
+                info = json.loads(joined[f"host/{h}"])
+                if tuple(info["hosts"]) != ordered:
+                    raise RendezvousFailed(
+                        f"hosts differ between {self.master} {list(ordered)} and {h} "
+                        f"{info['hosts']}: every host's resourceconfig.json must list the same "
+                        "hosts"
+                    )
+                nprocs[h] = int(info["nproc"])
+                tokens[h] = str(info.get("token", ""))
+            port = self._port(attempt)
+            ctl.set("plan", json.dumps({"nproc": nprocs, "master_port": port, "tokens": tokens}))
+        else:
+            _wait_logged(ctl, ["plan"], timeout_s, f"the plan of {self.master}", where)
+        agreed: dict[str, int] = json.loads(ctl.get("plan") or "{}")["nproc"]
+        return agreed
+
+    def _port(self, attempt: int) -> int:
+        """The workers' MASTER_PORT: a free one for each attempt, unless one was asked for."""
+        port = self.settings.master_port
+        if port is None:
+            return free_port()
+        if attempt == 0:  # a restart reuses it: the last attempt's ranks may leave TIME_WAITs
+            check_port_free(port, "worker MASTER_PORT", self.host)
+        return port
+
+    def _host_gone(self, server: StoreServer, host: str, why: str) -> None:
+        """The master's store saw ``host``'s agent drop its connection without leaving (the
+        container was killed or the agent died) or miss its heartbeats (frozen, cut off).
+        Declared at once, as the attempt's abort (unless it already has one or is done), so
+        it wins over its victims' collective errors."""
+        scope = attempt_prefix(self.attempt)
+        if server.local_get(scope + "plan") is None:
+            return
+        if server.local_get(f"{scope}left/{host}") is not None:
+            return
+        if server.local_get(scope + ALL_DONE) is not None:
+            return
+        event = JobEvent.lost(host, why)
+        server.local_compare_set(scope + ABORT, None, event.to_json())
 
 
 def rendezvous(
@@ -317,142 +599,20 @@ def rendezvous(
     *,
     secret: bytes = b"",
 ) -> tuple[JobPlan, Coordinator]:
-    """Meet the other hosts' agents; return the job's plan and its coordinator.
-
-    ``take_inventory``: this host's model-dir inventory, taken once every host's workers
-    finished; ``check_outputs`` (the master's) judges them all. ``token``: this host's
-    random token, handed to every host in the plan. ``master``: the host that hosts the
-    store and the workers' MASTER_ADDR (default the first host; a heterogeneous job's is
-    the first host of its distribution). ``secret``: the job's (smdist.agent.access), which
-    every agent and the master's store prove they hold; needed when there is more than one
-    host."""
-    ordered = sorted_hosts(hosts)
-    master = master or master_host(ordered)
-    if len(ordered) == 1:
-        port = settings.master_port
-        if port is None:
-            port = free_port()
-        else:
-            check_port_free(port, "worker MASTER_PORT", current_host)
-        return (
-            JobPlan(build_layout({current_host: nproc}), "127.0.0.1", port),
-            LocalCoordinator(take_inventory),
-        )
-    _import_store()
-    master_addr = addresses[master]
-    where = f"{master} ({master_addr}:{settings.port})"
-    server: StoreServer | None = None
-    ctl: StoreClient | None = None
-    if current_host == master:
-        from smdist.agent.access import allow_list
-
-        allow = allow_list(addresses.values())
-        log.info("rendezvous store admits %s (%s)", allow.describe(), allow.source)
-        server = StoreServer(
-            settings.port,
-            current_host,
-            on_lost=_host_gone,
-            secret=secret,
-            admits=allow.admits,
-            hosts=ordered,
-            heartbeat_timeout_s=settings.heartbeat_timeout_s,
-        )
-        connect_to = "127.0.0.1"
-    else:
-        connect_to = master_addr
+    """One meeting for a job that is not restarted: closing its coordinator also closes the
+    master's store. ``master``, ``secret``: see ``Rendezvous``."""
+    meeting = Rendezvous(
+        current_host, hosts, addresses, settings, check_outputs, take_inventory, token, master,
+        secret=secret,
+    )  # fmt: skip
     try:
-        ctl = StoreClient(
-            connect_to,
-            settings.port,
-            settings.timeout_s,
-            master,
-            secret=secret,
-            reply_timeout_s=max(settings.heartbeat_timeout_s, 30.0),
-        )
-        ctl.set(
-            f"host/{current_host}",
-            json.dumps({"nproc": nproc, "hosts": list(ordered), "token": token}),
-        )
-        host_keys = [f"host/{h}" for h in ordered]
-        log.info(
-            "joined the rendezvous on %s; waiting for %s",
-            where,
-            "every host" if server is not None else "the plan",
-        )
-        if server is not None:
-            _wait_logged(ctl, host_keys, settings.timeout_s, "hosts", where)
-            joined = ctl.prefix("host/")
-            nprocs: dict[str, int] = {}
-            tokens: dict[str, str] = {}
-            for h in ordered:
-                info = json.loads(joined[f"host/{h}"])
-                if tuple(info["hosts"]) != ordered:
-                    raise RendezvousFailed(
-                        f"hosts differ between {master} {list(ordered)} and {h} {info['hosts']}: "
-                        "every host's resourceconfig.json must list the same hosts"
-                    )
-                nprocs[h] = int(info["nproc"])
-                tokens[h] = str(info.get("token", ""))
-            port = settings.master_port
-            if port is None:
-                port = free_port()
-            else:
-                check_port_free(port, "worker MASTER_PORT", current_host)
-            ctl.set("plan", json.dumps({"nproc": nprocs, "master_port": port, "tokens": tokens}))
-        else:
-            _wait_logged(ctl, ["plan"], settings.timeout_s, f"the plan of {master}", where)
-        plan = json.loads(ctl.get("plan") or "{}")
-        # Identified: if this agent dies, the master's store sees the connection drop.
-        watch = StoreClient(
-            connect_to,
-            settings.port,
-            settings.timeout_s,
-            master,
-            identity=current_host,
-            secret=secret,
-            reply_timeout_s=settings.heartbeat_timeout_s,
-        )
-    except StopRequested as stop:
-        if ctl is not None or server is not None:  # the store is up: the others learn of it
-            if ctl is not None:
-                ctl.close()
-            _announce_stop(stop, current_host, connect_to, settings, master, ordered, secret)
-        if server is not None:
-            server.close()
-        raise
-    except JobAborted:
-        if ctl is not None:
-            with contextlib.suppress(StoreUnavailable):
-                _leave_early(ctl, current_host, master, ordered)
-            ctl.close()
-        if server is not None:
-            server.close()
-        raise
+        plan, coordinator = meeting.meet(nproc)
     except BaseException:
-        if server is not None:
-            server.close()
+        meeting.close()
         raise
-    layout = build_layout(plan["nproc"])
-    coordinator = StoreCoordinator(
-        current_host, layout, ctl, watch, server, settings, check_outputs, take_inventory
-    )
-    plan_ = JobPlan(
-        layout, master_addr, int(plan["master_port"]), dict(addresses), plan.get("tokens", {})
-    )
-    return plan_, coordinator
-
-
-def _host_gone(server: StoreServer, host: str, why: str) -> None:
-    """The master's store saw ``host``'s agent drop its connection without leaving (the
-    container was killed or the agent died) or miss its heartbeats (frozen, cut off).
-    Declared at once, as the job's abort (unless the job already has one or is done), so it
-    wins over its victims' collective errors."""
-    if server.local_get("plan") is None or server.local_get(f"left/{host}") is not None:
-        return
-    if server.local_get(ALL_DONE) is not None:
-        return
-    event = JobEvent.lost(host, why)
-    server.local_compare_set(ABORT, None, event.to_json())
+    if isinstance(coordinator, StoreCoordinator):
+        coordinator.after_close = meeting.close
+    return plan, coordinator
 
 
 class StoreCoordinator:
@@ -462,9 +622,9 @@ class StoreCoordinator:
         self,
         host: str,
         layout: Layout,
-        ctl: StoreClient,
-        watch: StoreClient,
-        server: StoreServer | None,
+        ctl: Scoped,
+        watch: Scoped,
+        master: bool,
         settings: RendezvousSettings,
         check_outputs: CheckOutputs | None = None,
         take_inventory: Callable[[], Inventory] | None = None,
@@ -474,7 +634,7 @@ class StoreCoordinator:
         self.layout = layout
         self._ctl = ctl
         self._watch = watch
-        self._server = server
+        self._master = master
         self._settings = settings
         self._event: JobEvent | None = None
         self._all_done = False
@@ -482,6 +642,9 @@ class StoreCoordinator:
         self._lock = threading.Lock()
         self._check_outputs = check_outputs
         self._take_inventory = take_inventory
+        self._stacks_requested = False
+        self.after_close: Callable[[], None] | None = None
+        """Run once this host has left (``rendezvous()``: close the store with it)."""
 
     def _set_event(self, event: JobEvent) -> JobEvent:
         with self._lock:
@@ -577,6 +740,28 @@ class StoreCoordinator:
         items = self._ctl.prefix(PUBLISHED + prefix)
         return {k.removeprefix(PUBLISHED): v for k, v in items.items()}
 
+    def request_stacks(self) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            self._ctl.compare_set(STACKS, None, self.host)
+        with self._lock:
+            self._stacks_requested = True
+
+    def stacks_requested(self) -> bool:
+        with self._lock:
+            return self._stacks_requested
+
+    def put_stacks(self, ranks: Sequence[Mapping[str, Any]]) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            self._ctl.set(STACKS_OF + self.host, json.dumps(list(ranks)))
+
+    def stacks(self) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+        try:
+            items = self._ctl.prefix(STACKS_OF)
+        except StoreUnavailable:
+            return {}, []
+        reports = {k.removeprefix(STACKS_OF): json.loads(v) for k, v in items.items()}
+        return reports, [h for h in self.layout.hosts if h not in reports]
+
     def start_watch(self, notify: Callable[[], None]) -> None:
         thread = threading.Thread(
             target=self._watch_loop, args=(notify,), name="smdist-watch", daemon=True
@@ -598,14 +783,21 @@ class StoreCoordinator:
                 keys = [ABORT, ALL_DONE]
                 if not inventoried:
                     keys.append(FINISHED_ALL)
-                if self._server is not None and not verdict_given:
+                if self._master and not verdict_given:
                     keys.append(INVENTORIED_ALL)
                 # Each wait is also this host's heartbeat: the master's store declares a
                 # host lost whose next one is late, so no agent reads every other's.
+                if not self.stacks_requested():
+                    keys.append(STACKS)
                 # The reply carries the keys' values: an abort reaches a watcher in one trip.
                 got = self._watch.wait_values(keys, s.heartbeat_interval_s)
                 if got is not None:
                     ended = got.get(ABORT) is not None or got.get(ALL_DONE)
+                    if not ended and STACKS in keys and got.get(STACKS) is not None:
+                        with self._lock:
+                            self._stacks_requested = True  # a hang check: the supervisor
+                        notify()  # dumps this host's stacks
+                        continue
                     if not ended and not inventoried and got.get(FINISHED_ALL):
                         inventoried = True  # hashing may take a while: the beats go on
                         threading.Thread(
@@ -614,7 +806,7 @@ class StoreCoordinator:
                         continue
                     if (
                         not ended
-                        and self._server is not None
+                        and self._master
                         and not verdict_given
                         and got.get(INVENTORIED_ALL)
                     ):
@@ -635,17 +827,23 @@ class StoreCoordinator:
                     notify()
                 return
 
-    def close(self, failures: Sequence[WorkerFailure] = ()) -> dict[str, list[WorkerFailure]]:
-        """Leave: the master keeps its store up until the others have read the outcome."""
+    def close(
+        self, failures: Sequence[WorkerFailure] = (), step_rates: Mapping[int, float] | None = None
+    ) -> Departure:
+        """Leave the attempt: the master waits (bounded) until the others have read the
+        outcome; its store stays up for the next attempt until ``Rendezvous.close``."""
         self._closing.set()
         from smdist.agent.report.failure import WorkerFailure
 
         reports: dict[str, list[WorkerFailure]] = {}
+        rates = dict(step_rates or {})
         try:
-            if self._server is None:
-                if failures:
-                    text = json.dumps([f.to_dict() for f in failures])
-                    self._ctl.set(f"failures/{self.host}", text)
+            if not self._master:
+                if failures or rates:
+                    text = json.dumps(
+                        {"failures": [f.to_dict() for f in failures], "step_rates": rates}
+                    )
+                    self._ctl.set(f"departure/{self.host}", text)
                 self._ctl.set(f"left/{self.host}", "1")
             else:
                 self._ctl.set(f"left/{self.host}", "1")  # its own connections close next
@@ -660,19 +858,19 @@ class StoreCoordinator:
                         ", ".join(late),
                         self._settings.leave_timeout_s,
                     )
-                items = self._ctl.prefix("failures/")
-                reports = {
-                    k.removeprefix("failures/"): [WorkerFailure.from_dict(d) for d in json.loads(v)]
-                    for k, v in items.items()
-                }
+                for key, text in self._ctl.prefix("departure/").items():
+                    data = json.loads(text)
+                    theirs = [WorkerFailure.from_dict(d) for d in data["failures"]]
+                    reports[key.removeprefix("departure/")] = theirs
+                    rates.update({int(r): float(v) for r, v in data["step_rates"].items()})
         except StoreUnavailable:
             pass
         finally:
             self._ctl.close()
             self._watch.close()
-            if self._server is not None:
-                self._server.close()
-        return reports
+            if self.after_close is not None:
+                self.after_close()
+        return Departure(reports, rates)
 
     def stop_before_workers(self, event: JobEvent) -> None:
         old = self._ctl

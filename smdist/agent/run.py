@@ -14,16 +14,27 @@ from typing import TYPE_CHECKING
 
 from smdist import config as cfg
 from smdist import timeline
-from smdist.agent import backends, distribution, model_dir, network_env, sm_env, stages, topology
+from smdist.agent import (
+    backends,
+    distribution,
+    hang,
+    model_dir,
+    network_env,
+    restart,
+    sm_env,
+    stages,
+    topology,
+)
 from smdist.agent import entry as entries
 from smdist.agent.backends.base import Backend, Launch
 from smdist.agent.rendezvous import (
     Coordinator,
+    Departure,
     Inventory,
     JobEvent,
     JobPlan,
+    Rendezvous,
     RendezvousSettings,
-    rendezvous,
     stop_event,
 )
 from smdist.agent.report import failure, write
@@ -59,6 +70,10 @@ class AgentOptions:
     """``nproc_per_host`` came from the flag or SMDIST_NPROC_PER_HOST, not the default."""
     settings_line: str = ""
     """Which settings came from a flag or an SMDIST_* variable (logged once at start)."""
+    max_restarts: int = 0
+    """Job-wide restarts after a failure a new attempt may fix (restart.py)."""
+    hang_timeout_s: float | None = None
+    """A rank without progress this long is a hang (hang.py); None: off."""
 
 
 def run(opts: AgentOptions) -> int:
@@ -221,38 +236,27 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
     stages.enter("the rendezvous wait")
     model = model_dir.ModelDir(config.paths, res.current_host, res.hosts)
     model.mark()  # before joining: every host's marker exists once the plan is out
+    meeting = Rendezvous(
+        res.current_host,
+        res.hosts,
+        addresses,
+        opts.rdzv,
+        check_outputs=_check_model_dirs,
+        take_inventory=model.finish,
+        token=model.token,
+        master=topology.master_host(dist.world_hosts),
+        secret=secret,
+    )
+    run_dir = _run_dir()
     try:
-        plan, coordinator = rendezvous(
-            res.current_host,
-            res.hosts,
-            nproc,
-            addresses,
-            opts.rdzv,
-            check_outputs=_check_model_dirs,
-            take_inventory=model.finish,
-            token=model.token,
-            master=topology.master_host(dist.world_hosts),
-            secret=secret,
-        )
-        model.detect(plan.tokens)
-        timeline.mark("rendezvous done")
-        _log_plan(opts, backend.name, plan, entry.target)
-        try:
-            stages.enter("the dependency install")
-            try:
-                _prepare_hosts(opts, config, plan, coordinator, install)
-            except stages.StopRequested:
-                raise
-            except BaseException:
-                coordinator.close()
-                raise
-            stages.enter("starting the workers")
-            return _launch(opts, config, backend, plan, coordinator, entry, gpus, started)
-        except stages.StopRequested as stop:
-            coordinator.stop_before_workers(stop_event(stop, res.current_host))
-            raise
+        agent_job = _Job(opts, config, backend, entry, nproc, gpus, meeting, model, run_dir)
+        return agent_job.run(started, install)
     finally:
+        meeting.close()
         model.unmark()
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _run_dir() -> Path:
@@ -269,43 +273,126 @@ def _run_dir() -> Path:
     raise SmdistError(f"could not create a private folder under {base}")
 
 
-def _launch(
-    opts: AgentOptions,
-    config: cfg.JobConfig,
-    backend: Backend,
-    plan: JobPlan,
-    coordinator: Coordinator,
-    entry: entries.Entry,
-    gpus: int,
-    started: float,
-) -> int:
-    """After the rendezvous: start this host's workers, supervise them, report."""
-    res = config.resource
-    for d in (config.paths.model_dir, config.paths.output_data_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    env_sm = sm_env.sm_environment(
-        config,
-        entry_point=_entry_point_name(config, entry),
-        num_gpus=gpus,
-        num_cpus=os.cpu_count() or 1,
-    )
-    net = network_env.network_environment(config, os.environ)
-    env_sm.update(net.variables)  # the backends never override a variable the user set
-    log.info("network environment for the workers: %s", net.describe())
-    timeline.mark("environment for SageMaker built")
-    memory_at_start = memory_snapshot()
-    run_dir = _run_dir()
-    try:
-        launch = Launch(entry, os.environ, env_sm, run_dir)
-        specs = backend.worker_specs(launch, plan, coordinator)
+@dataclass
+class _Job:
+    """One host's part of the job: attempt after attempt, until one ends it."""
+
+    opts: AgentOptions
+    config: cfg.JobConfig
+    backend: Backend
+    entry: entries.Entry
+    nproc: int
+    gpus: int
+    meeting: Rendezvous
+    model: model_dir.ModelDir
+    run_dir: Path
+    attempts: list[restart.Attempt] = field(default_factory=list)
+
+    @property
+    def budget(self) -> int:
+        """How many restarts the job may make (--max-restarts)."""
+        return self.opts.max_restarts
+
+    def run(self, started: float, install: Install | None) -> int:
+        k = 0
+        while True:
+            outcome, departure, memory = self._attempt(k, install if k == 0 else None)
+            if outcome.exit_code == 0:
+                if k:
+                    log.info("attempt %d of the job succeeded (%d restart(s))", k + 1, k)
+                return _report(self.config, outcome, started, memory, departure)
+            event = outcome.event
+            record = restart.attempt_record(k, event, outcome.exit_code, time.time())
+            self.attempts.append(record)
+            why = restart.why_not_restart(record, event.kind if event else None, k, self.budget)
+            if why or outcome.stopped:
+                if self.budget and why:
+                    log.info("not restarting: %s", why)
+                return _report(
+                    self.config, outcome, started, memory, departure, self.attempts, self.budget
+                )
+            k += 1
+
+    def _attempt(self, k: int, install: Install | None) -> tuple[Outcome, Departure, MemoryStats]:
+        """Meet, start this host's workers, supervise them, leave: one attempt."""
+        res = self.config.resource
+        if k:
+            self._pause(k)
+        plan, coordinator = self.meeting.meet(self.nproc, k)
+        try:
+            if k == 0:
+                self.model.detect(plan.tokens)
+                timeline.mark("rendezvous done")
+                _log_plan(self.opts, self.backend.name, plan, self.entry.target)
+                stages.enter("the dependency install")
+                try:
+                    _prepare_hosts(self.opts, self.config, plan, coordinator, install)
+                except stages.StopRequested:
+                    raise
+                except BaseException:
+                    coordinator.close()
+                    raise
+            else:
+                log.info("attempt %d: MASTER_PORT=%d", k + 1, plan.master_port)
+            stages.enter("starting the workers")
+            return self._launch(k, plan, coordinator)
+        except stages.StopRequested as stop:
+            coordinator.stop_before_workers(stop_event(stop, res.current_host))
+            raise
+
+    def _pause(self, k: int) -> None:
+        """Before restart ``k``: a stop ends the pause, and the job, at once (the hosts at
+        the next meeting are told)."""
+        pause = restart.backoff_s(k)
+        log.info(
+            "attempt %d failed (%s): restart %d of %d on every host in %.0f s",
+            k, self.attempts[-1].headline, k, self.budget, pause,
+        )  # fmt: skip
+        self.model.remove_unfinished_writes()
+        stage = f"the pause before attempt {k + 1}"
+        stages.enter(stage)
+        try:
+            if pending := stages.take_pending():  # a stop while the last attempt reported
+                raise stages.StopRequested(pending[0], stage)
+            time.sleep(pause)
+        except stages.StopRequested as stop:
+            self.meeting.announce_stop(stop, k)
+            raise
+        stages.enter(f"the rendezvous wait of attempt {k + 1}")
+
+    def _launch(
+        self, k: int, plan: JobPlan, coordinator: Coordinator
+    ) -> tuple[Outcome, Departure, MemoryStats]:
+        """After the meeting: start this host's workers, supervise them, leave."""
+        config = self.config
+        for d in (config.paths.model_dir, config.paths.output_data_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        env_sm = sm_env.sm_environment(
+            config,
+            entry_point=_entry_point_name(config, self.entry),
+            num_gpus=self.gpus,
+            num_cpus=os.cpu_count() or 1,
+        )
+        net = network_env.network_environment(config, os.environ)
+        env_sm.update(net.variables)  # the backends never override a variable the user set
+        if k == 0:
+            log.info("network environment for the workers: %s", net.describe())
+        memory_at_start = memory_snapshot()
+        attempt_dir = self.run_dir / f"attempt-{k}"
+        attempt_dir.mkdir()
+        timeline.mark("environment for SageMaker built")
+        base_env = dict(os.environ, **restart.worker_env(k, self.budget))
+        launch = Launch(self.entry, base_env, env_sm, attempt_dir, k, self.budget)
+        specs = self.backend.worker_specs(launch, plan, coordinator)
         timeline.mark("worker environments built")
         supervisor = Supervisor(
-            res.current_host,
+            config.resource.current_host,
             specs,
             coordinator,
-            grace_s=opts.grace_s,
-            abort_grace_s=opts.abort_grace_s,
-            identify=backend.identify,
+            grace_s=self.opts.grace_s,
+            abort_grace_s=self.opts.abort_grace_s,
+            identify=self.backend.identify,
+            hang_timeout_s=self.opts.hang_timeout_s,
         )
         outcome: Outcome | None = None
         # The supervisor owns the signals while the workers run (it takes over a stop that
@@ -315,12 +402,26 @@ def _launch(
             outcome = supervisor.run()
         finally:
             stages.enter("the report", interruptible=False)
-            others = coordinator.close(outcome.failures if outcome else ())
-        return _report(config, outcome, started, memory_at_start, others)
-    finally:
-        import shutil
+            departure = coordinator.close(
+                outcome.failures if outcome else (), outcome.step_rates if outcome else None
+            )
+        _log_step_rates(departure.step_rates)
+        return outcome, departure, memory_at_start
 
-        shutil.rmtree(run_dir, ignore_errors=True)
+
+def _log_step_rates(rates: Mapping[int, float]) -> None:
+    """Each rank's steps per second (every rank's on the master); a straggler by name."""
+    if not rates:
+        return
+    log.info(
+        "step rates (steps/s): %s",
+        ", ".join(f"rank {r} {v:.3g}" for r, v in sorted(rates.items())),
+    )
+    for rank, rate, median in hang.stragglers(rates):
+        log.warning(
+            "straggler: rank %d ran %.3g steps/s, %.2fx the median %.3g", rank, rate, rate / median,
+            median,
+        )  # fmt: skip
 
 
 def _code_dir(config: cfg.JobConfig, entry: entries.Entry) -> Path | None:
@@ -430,7 +531,9 @@ def _report(
     outcome: Outcome,
     started: float,
     memory: MemoryStats,
-    other_hosts: Mapping[str, list[failure.WorkerFailure]],
+    departure: Departure,
+    attempts: Sequence[restart.Attempt] = (),
+    max_restarts: int = 0,
 ) -> int:
     elapsed = time.monotonic() - started
     if outcome.exit_code == 0:
@@ -445,13 +548,18 @@ def _report(
         root = failure.WorkerFailure.from_dict(event.failure)
         # Prefer this host's own record of it (same object as in outcome.failures).
         root = next(
-            (f for f in outcome.failures if (f.host, f.rank) == (root.host, root.rank)), root
+            (
+                f
+                for f in outcome.failures
+                if (f.host, f.rank) == (root.host, root.rank) and not f.peer_stopped
+            ),
+            root,
         )
     elif event is not None and event.kind != "stop":
         remote = JobAborted(event.headline, event.exit_code or 1)
     # The master also holds every other host's failures: its report covers every rank.
     everyone = list(outcome.failures)
-    for theirs in other_hosts.values():
+    for theirs in departure.failures.values():
         everyone += theirs
     diagnosis = write.report(
         config.paths,
@@ -460,8 +568,18 @@ def _report(
         root_cause=root,
         smdist_error=remote,
         memory_at_start=memory,
-        extra={"elapsed_s": round(elapsed, 3), "job_event": asdict(event) if event else None},
+        extra={
+            "elapsed_s": round(elapsed, 3),
+            "job_event": asdict(event) if event else None,
+            "attempts": [a.to_dict() for a in attempts],
+            "step_rates": {str(r): round(v, 4) for r, v in sorted(departure.step_rates.items())},
+        },
         whole_job=_is_master(config),
+        headline_note=(
+            f"; {len(attempts)} attempt(s) made, --max-restarts {max_restarts}"
+            if max_restarts
+            else ""
+        ),
     )
     log.error("%s", diagnosis.headline)
     if diagnosis.user_failure_text is not None:

@@ -36,6 +36,12 @@ def port(text: str) -> int:
     return int(text)
 
 
+def count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def nproc(text: str) -> str:
     if text != "auto" and not (text.isdigit() and int(text) > 0):
         raise argparse.ArgumentTypeError(f'expected "auto" or a positive integer, got {text!r}')
@@ -125,7 +131,7 @@ class Setting:
 
 
 _EXAMPLES = {"seconds": "7.5", "port": "4242", "nproc": "3", "host_map": "algo-1=10.0.0.1",
-             "switch": "true", "text": "x"}  # fmt: skip
+             "switch": "true", "text": "x", "count": "2"}  # fmt: skip
 
 TABLE: tuple[Setting, ...] = (
     Setting("--opt-ml", text, None, "the /opt/ml root", "DIR", "`/opt/ml`"),
@@ -171,6 +177,23 @@ TABLE: tuple[Setting, ...] = (
         1800.0,
         "how long pip may take to install the code dir's requirements",
         "S",
+    ),
+    Setting(
+        "--max-restarts",
+        count,
+        0,
+        "restart every host's workers up to N times after a failure a retry may fix "
+        "([restarts.md](docs/restarts.md))",
+        "N",
+    ),
+    Setting(
+        "--hang-timeout",
+        seconds,
+        None,
+        "a rank without progress for S seconds is a `Hang` (try 1800, or a few times the "
+        "slowest step)",
+        "S",
+        "off",
     ),
     Setting(
         "--no-hyperparameter-args",

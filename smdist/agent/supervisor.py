@@ -2,13 +2,15 @@
 
 The agent's main thread sleeps in ``select`` on one wake-up pipe; worker exits (a waiter
 thread each), signals (``signal.set_wakeup_fd``) and job-wide events (the coordinator's
-watcher) all write to it, so the agent costs nothing while the job trains.
+watcher) all write to it, so the agent costs nothing while the job trains (besides a
+once-a-second look at the ranks' step counters, for hang detection and step rates).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import enum
 import os
 import select
@@ -17,13 +19,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from smdist import contract, timeline
-from smdist.agent import stages
+from smdist.agent import hang, stages
 from smdist.agent.rendezvous import Coordinator, JobEvent
 from smdist.contract import STACK_DUMP_SIGNAL
 from smdist.log import log
@@ -35,6 +37,8 @@ TAIL_LINES = 50
 MAX_LINE = 1 << 20  # a line longer than this is relayed in pieces rather than held
 STACK_DUMP_WAIT_S = 0.2
 BARRIER_LOG_EVERY_S = 60.0
+STACK_READ_S = 2.0
+"""How long a hang check waits for the ranks' stack dumps to arrive in their output."""
 PEER_ERROR_GRACE_S = 2.0
 """How long a worker's broken-collective error waits for the root cause from elsewhere."""
 
@@ -56,6 +60,16 @@ class WorkerSpec:
 
 
 @dataclass
+class Activity:
+    """What a worker's output says about it: the relays write, the supervisor reads."""
+
+    last_output: float = 0.0
+    """When it last wrote a line (monotonic; 0: never)."""
+    capture: list[str] | None = None
+    """While not None, every stderr line is also kept here (a stack dump being read)."""
+
+
+@dataclass
 class Worker:
     spec: WorkerSpec
     proc: subprocess.Popen[bytes]
@@ -64,6 +78,8 @@ class Worker:
     returncode: int | None = None
     exited_at: float = 0.0
     signalled: bool = False
+    activity: Activity = field(default_factory=Activity)
+    steps: hang.RankSteps | None = None
 
 
 @dataclass(frozen=True)
@@ -76,10 +92,16 @@ class Outcome:
     failures: tuple[WorkerFailure, ...]
     stopped: bool
     """Ended by a stop request (SIGTERM here or on another host)."""
+    step_rates: Mapping[int, float] = field(default_factory=dict)
+    """Steps per second of each local rank that counted steps."""
 
 
 def _relay(
-    src: IO[bytes], dst: IO[bytes], prefix: bytes, tail: collections.deque[str] | None
+    src: IO[bytes],
+    dst: IO[bytes],
+    prefix: bytes,
+    tail: collections.deque[str] | None,
+    activity: Activity,
 ) -> None:
     """Copy whole lines from a worker pipe to ours, each with the host/rank prefix.
 
@@ -114,10 +136,27 @@ def _relay(
                 dst.flush()
             except (OSError, ValueError):
                 pass
+        activity.last_output = time.monotonic()
         if tail is not None:
             last = block[:-1].rsplit(b"\n", TAIL_LINES)[-TAIL_LINES:]
             tail.extend(line.decode("utf-8", "replace")[:1000] for line in last)
+            if activity.capture is not None:
+                activity.capture.extend(block[:-1].decode("utf-8", "replace").split("\n"))
     src.close()
+
+
+def _await_dumps(workers: Sequence[Worker], timeout_s: float) -> None:
+    """Until every worker's stack dump has arrived (its output quiet after a header)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        quiet = time.monotonic() - 0.1
+        if all(
+            any("(most recent call first)" in line for line in w.activity.capture or ())
+            and w.activity.last_output < quiet
+            for w in workers
+        ):
+            return
+        time.sleep(0.05)
 
 
 def _signal_worker(w: Worker, sig: int) -> None:
@@ -154,8 +193,10 @@ class Supervisor:
         grace_s: float,
         abort_grace_s: float,
         identify: Callable[[WorkerFailure], WorkerFailure] = lambda failure: failure,
+        hang_timeout_s: float | None = None,
     ) -> None:
-        """``identify``: the backend's say on who failed (a launcher names its rank)."""
+        """``identify``: the backend's say on who failed (a launcher names its rank).
+        ``hang_timeout_s``: a rank without progress for this long is a hang (None: off)."""
         self.host = host
         self.specs = list(specs)
         self.coordinator = coordinator
@@ -173,6 +214,13 @@ class Supervisor:
         """Broken-collective failures waiting (until ``deferred_until``) for a root cause."""
         self.deferred_until: float | None = None
         self._seen: set[int] = set()
+        self.hang_timeout_s = hang_timeout_s
+        self.tick_at: float | None = None
+        """When to sample the step counters next (None: no worker counts steps)."""
+        self.stacks_sent = False
+        """This host has reported its ranks' stacks for a hang check."""
+        self.verdict_at: float | None = None
+        """This host asked for a hang check: decide by then at the latest."""
         self._signals: list[int] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -195,9 +243,15 @@ class Supervisor:
     def start(self) -> None:
         me = os.getpid()
         for spec in self.specs:
+            counter = None
+            env = spec.env
+            if spec.python:  # started by the bootstrap: it can count steps
+                counter = hang.open_counter(spec.error_file.parent, spec.rank, spec.local_rank)
+                env = dict(env, **{contract.STEPS_FILE_ENV: str(counter.counter.path)})
+                self.tick_at = time.monotonic() + self._tick_s()
             proc = subprocess.Popen(
                 spec.argv,
-                env=spec.env,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -205,14 +259,16 @@ class Supervisor:
                 preexec_fn=contract.exec_dying_with(me),
             )
             timeline.mark(f"rank {spec.rank} spawned")
-            w = Worker(spec, proc)
+            w = Worker(spec, proc, steps=counter)
             prefix = f"[{self.host}/{spec.rank}] ".encode() if spec.prefix else b""
             assert proc.stdout is not None and proc.stderr is not None
             for src, dst, tail in (
                 (proc.stdout, sys.stdout.buffer, None),
                 (proc.stderr, sys.stderr.buffer, w.tail),
             ):
-                t = threading.Thread(target=_relay, args=(src, dst, prefix, tail), daemon=True)
+                t = threading.Thread(
+                    target=_relay, args=(src, dst, prefix, tail, w.activity), daemon=True
+                )
                 t.start()
                 w.relays.append(t)
             self.workers.append(w)
@@ -271,7 +327,7 @@ class Supervisor:
                 self._sleep()
                 outcome = self._step()
                 if outcome is not None:
-                    return outcome
+                    return dataclasses.replace(outcome, step_rates=self.step_rates())
         finally:
             signal.set_wakeup_fd(old_fd)
             for s, h in old.items():
@@ -284,7 +340,12 @@ class Supervisor:
 
     def _sleep(self) -> None:
         """Until something is written to the wake-up pipe or the next deadline passes."""
-        timers = (self.deadline, self.deferred_until if self.deferred else None)
+        timers = (
+            self.deadline,
+            self.deferred_until if self.deferred else None,
+            self.tick_at if self.state is State.RUNNING else None,
+            self.verdict_at,
+        )
         wake_at = min((t for t in timers if t), default=None)
         timeout = None if wake_at is None else max(0.0, wake_at - time.monotonic())
         select.select([self._wake_r], [], [], timeout)
@@ -309,6 +370,8 @@ class Supervisor:
             remote = self.coordinator.event()
             if remote is not None:
                 self._on_job_event(remote)
+        if self.state is State.RUNNING:
+            self._hang_events()
         if not self._live() and not (self.deferred and self.state is State.RUNNING):
             return self._on_workers_gone()
         if self.deadline is not None and time.monotonic() >= self.deadline:
@@ -427,6 +490,103 @@ class Supervisor:
             self._kill()
             self.deadline = None
 
+    # -- hangs ---------------------------------------------------------------------
+    def _tick_s(self) -> float:
+        return min(hang.TICK_S, self.hang_timeout_s / 4) if self.hang_timeout_s else hang.TICK_S
+
+    def _hang_events(self) -> None:
+        """While RUNNING: a hang check asked by any host, the counters' tick, the verdict."""
+        if not self.stacks_sent and self.coordinator.stacks_requested():
+            self._on_stacks_requested()
+        now = time.monotonic()
+        if self.tick_at is not None and now >= self.tick_at:
+            self._on_tick(now)
+        if self.verdict_at is not None:
+            self._on_stack_reports()
+
+    def _on_tick(self, now: float) -> None:
+        """Sample the step counters; a rank idle past --hang-timeout starts a hang check."""
+        self.tick_at = now + self._tick_s()
+        idle = []
+        for w in self._live():
+            if w.steps is not None:
+                w.steps.sample(now)
+                timeout_s = self.hang_timeout_s
+                if timeout_s and w.steps.hung(now, w.activity.last_output, timeout_s):
+                    idle.append(w.spec.rank)
+        if idle and not self.stacks_sent:
+            log.info(
+                "rank(s) %s made no progress for %.0f s (--hang-timeout): reading every "
+                "rank's stack on every host",
+                ", ".join(map(str, idle)),
+                self.hang_timeout_s,
+            )
+            self.coordinator.request_stacks()
+            self.verdict_at = now + hang.REPORT_WAIT_S
+            self._on_stacks_requested()
+
+    def _on_stacks_requested(self) -> None:
+        """A hang check (asked here or elsewhere): dump this host's stacks and report them
+        with each rank's steps and idle time."""
+        self.stacks_sent = True
+        now = time.monotonic()
+        watched = [w for w in self._live() if w.steps is not None]
+        idle = {}
+        for w in watched:
+            assert w.steps is not None
+            w.steps.sample(now)
+            idle[w.spec.rank] = w.steps.idle_s(now, w.activity.last_output)  # before the dump
+            w.activity.capture = []
+        self._dump_stacks(watched)
+        _await_dumps(watched, STACK_READ_S)
+        reports = []
+        for w in watched:
+            assert w.steps is not None
+            dump, w.activity.capture = w.activity.capture or [], None
+            seconds, judged_by = idle[w.spec.rank]
+            reports.append(hang.rank_report(self.host, w.steps, seconds, judged_by, dump))
+        self.coordinator.put_stacks(reports)
+
+    def _on_stack_reports(self) -> None:
+        """This host found the hang: once every host reported (or time is up), the rank(s)
+        that stopped first are the job's failure."""
+        assert self.verdict_at is not None and self.hang_timeout_s is not None
+        reports, missing = self.coordinator.stacks()
+        if missing and time.monotonic() < self.verdict_at:
+            return
+        self.verdict_at = None
+        if missing:
+            log.info("hang check: no stacks from %s; deciding without them", ", ".join(missing))
+        ranks = [r for host in reports.values() for r in host]
+        culprits = hang.first_stuck(ranks, self.hang_timeout_s)
+        if not culprits:
+            return
+        top = culprits[0]
+        from smdist.agent.report.failure import WorkerFailure
+
+        log.info(
+            "hang check: rank %s on %s stopped first, at %s", top["rank"], top["host"], top["where"]
+        )
+        self._publish_failure(
+            WorkerFailure(
+                host=str(top["host"]),
+                rank=int(top["rank"]),
+                local_rank=int(top["local_rank"]),
+                returncode=1,
+                time=time.time(),
+                record=hang.hang_record(culprits, self.hang_timeout_s),
+            )
+        )
+
+    def step_rates(self) -> dict[int, float]:
+        rates = {}
+        for w in self.workers:
+            if w.steps is not None:
+                w.steps.sample(time.monotonic())
+                if (rate := w.steps.rate()) is not None:
+                    rates[w.spec.rank] = rate
+        return rates
+
     # -- transitions -------------------------------------------------------------
     def _enter(self, state: State, deadline_in_s: float | None) -> None:
         self.state = state
@@ -436,13 +596,14 @@ class Supervisor:
         """Make ``failure`` the job's event (unless another came first) and stop our workers."""
         from smdist.agent.report.classify import headline as failure_headline
 
+        headline = failure_headline(failure)
         log.info("rank %d %s: stopping the job", failure.rank, failure.describe())
         self.event = self.coordinator.report(
             JobEvent(
                 kind="failure",
                 host=failure.host,
                 rank=failure.rank,
-                headline=failure_headline(failure),
+                headline=headline,
                 exit_code=failure.exit_code,
                 time=failure.time,
                 failure=failure.to_dict(),

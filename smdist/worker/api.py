@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from smdist import contract
 from smdist.config import decode_hyperparameter, resolve_root
+from smdist.steps import progress
 from smdist.worker import environment
 
 T = TypeVar("T")
@@ -33,6 +34,15 @@ def launched() -> bool:
     """Started by smdist's agent, by mpirun (Open MPI, MPICH, Intel MPI), or by another
     launcher that set the rank variables (``smdist.worker.environment``)."""
     return environment.detect().creates_processes_externally
+
+
+def _restart_count() -> int:
+    """SMDIST_RESTART_COUNT (smdist's agent), else torchrun's TORCHELASTIC_RESTART_COUNT."""
+    for name in (contract.RESTART_COUNT_ENV, "TORCHELASTIC_RESTART_COUNT"):
+        text = os.environ.get(name, "")
+        if text.isdigit():
+            return int(text)
+    return 0
 
 
 def _json_env(name: str, default: Any) -> Any:
@@ -58,6 +68,8 @@ class Context:
     model_dir: Path
     output_data_dir: Path
     checkpoint_dir: Path
+    restart_count: int = 0
+    """Which restart of the job this is (0: the first attempt), as --max-restarts counts."""
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _stop_hooks: list[Callable[[Context], None]] = field(default_factory=list, repr=False)
     _stop_polled: bool = field(default=False, repr=False)
@@ -86,6 +98,7 @@ class Context:
         """True once a stop was asked for (SIGTERM anywhere in the job), on every rank at
         the same call: the ranks agree with one tiny all-reduce, so call it once per step."""
         self._stop_polled = True
+        progress()  # one step: what --hang-timeout and the step rates count
         local = self._stop.is_set()
         if not self._distributed:
             return local
@@ -251,6 +264,7 @@ def init(*, timeout_s: float | None = None) -> Context:
         model_dir=Path(os.environ.get("SM_MODEL_DIR", root / "model")),
         output_data_dir=Path(os.environ.get("SM_OUTPUT_DATA_DIR", root / "output" / "data")),
         checkpoint_dir=Path(os.environ.get(contract.CHECKPOINT_DIR_ENV, root / "checkpoints")),
+        restart_count=_restart_count(),
         _distributed=distributed,
     )
 

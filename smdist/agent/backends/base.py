@@ -30,7 +30,10 @@ class Launch:
     sm_env: Mapping[str, str]
     """The SageMaker toolkit's SM_* variables for this host (a user's own value wins)."""
     run_dir: Path
-    """This agent's private directory: error and control files."""
+    """This attempt's private directory: error, control and progress files."""
+    restart_count: int = 0
+    """Which restart of the job this attempt is (0: the first attempt)."""
+    max_restarts: int = 0
 
 
 class Backend(Protocol):

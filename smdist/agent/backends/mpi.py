@@ -37,7 +37,6 @@ from typing import IO, Any
 
 from smdist import contract
 from smdist.agent.backends.base import Launch, nproc_from_flag
-from smdist.agent.entry import Entry
 from smdist.agent.rendezvous import Coordinator, JobPlan
 from smdist.agent.report.failure import WorkerFailure
 from smdist.agent.supervisor import WorkerSpec
@@ -207,6 +206,8 @@ def host_environment(
     plan: JobPlan,
     config: JobConfig,
     nproc: int,
+    restart_count: int = 0,
+    max_restarts: int = 0,
 ) -> dict[str, str]:
     """What every rank on this host starts from: as a torch-backend worker here would."""
     env = {k: v for k, v in base_env.items() if not k.startswith(MPI_PREFIXES)}
@@ -224,7 +225,16 @@ def host_environment(
     job_id, _ = run_id(base_env, config.hyperparameters, plan.master_addr, plan.layout.hosts)
     node_rank = plan.layout.slot(config.resource.current_host).node_rank
     n = len(plan.layout.hosts)
-    env.update(host_variables(base_env, run_id=job_id, node_rank=node_rank, num_hosts=n))
+    env.update(
+        host_variables(
+            base_env,
+            run_id=job_id,
+            node_rank=node_rank,
+            num_hosts=n,
+            restart_count=restart_count,
+            max_restarts=max_restarts,
+        )
+    )
     return env
 
 
@@ -350,34 +360,21 @@ class MpiBackend:
         self, launch: Launch, plan: JobPlan, coordinator: Coordinator
     ) -> list[WorkerSpec]:
         """Master: one spec, the mpirun launcher. Other hosts: none (sshd up, readiness told)."""
-        return _worker_specs(
-            launch.entry,
-            plan,
-            self.config,
-            self.options,
-            launch.base_env,
-            launch.sm_env,
-            launch.run_dir,
-            coordinator,
-        )
+        return _worker_specs(launch, plan, self.config, self.options, coordinator)
 
 
 def _worker_specs(
-    entry: Entry,
-    plan: JobPlan,
-    config: JobConfig,
-    opts: MpiOptions,
-    base_env: Mapping[str, str],
-    sm_env: Mapping[str, str],
-    run_dir: Path,
-    coordinator: Coordinator,
+    launch: Launch, plan: JobPlan, config: JobConfig, opts: MpiOptions, coordinator: Coordinator
 ) -> list[WorkerSpec]:
+    entry, base_env, sm_env, run_dir = launch.entry, launch.base_env, launch.sm_env, launch.run_dir
     host = config.resource.current_host
     layout = plan.layout
     nprocs = {s.host: s.nproc for s in layout.slots}  # as the rendezvous agreed
     world = [s.host for s in layout.slots if s.nproc]  # not hosts outside the distribution
     slot = layout.slot(host)
-    env = host_environment(base_env, sm_env, plan, config, nprocs[host])
+    env = host_environment(
+        base_env, sm_env, plan, config, nprocs[host], launch.restart_count, launch.max_restarts
+    )
     write_host_file(run_dir, host, slot.node_rank, env)
     link = job_dir(plan)
     _link_host_dir(link, host, run_dir)

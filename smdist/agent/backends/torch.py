@@ -76,6 +76,8 @@ class TorchBackend:
                     node_rank=slot.node_rank,
                     num_hosts=sum(1 for s in plan.layout.slots if s.nproc),  # the world's
                     error_file=env[contract.ERROR_FILE_ENV],
+                    restart_count=launch.restart_count,
+                    max_restarts=launch.max_restarts,
                 )
             )
             specs.append(

@@ -197,6 +197,8 @@ def classify(
     rec = failure.error_record()
     if rec is None and failure.returncode > 0:
         rec = parse_stderr_traceback(failure.stderr_tail)
+    if rec is not None and rec.get("kind") == "hang":
+        return _classify_hang(rec)
     if rec is not None and rec.get("kind") != "signal":
         return _classify_record(rec, memory)
     if failure.signal_name:
@@ -209,6 +211,29 @@ def classify(
         details=tuple(f"stderr: {d}" for d in details[:-1]),
         hint="The script called sys.exit/os._exit, or a native program failed; its last "
         "output is in the job log.",
+    )
+
+
+def _classify_hang(rec: Mapping[str, Any]) -> Classification:
+    """``--hang-timeout``: the rank(s) that stopped making progress first (the agent's record)."""
+    ranks = list(rec.get("ranks") or ())
+    top = ranks[0] if ranks else {}
+    where = f", stuck at {rec['where']}" if rec.get("where") else ""
+    by = ""
+    if rec.get("judged_by") == "output":
+        by = " (judged by its output: it never counted a step)"
+    reason = (
+        f"rank {top.get('rank')} on {top.get('host')} made no progress for "
+        f"{float(rec.get('idle_s') or 0):.0f} s{where}{by}"
+    )
+    also = [f"rank {r.get('rank')} on {r.get('host')} at {r.get('where')}" for r in ranks[1:4]]
+    return Classification(
+        Category.HANG,
+        reason,
+        where=_where(rec),
+        details=(f"Also stuck first: {'; '.join(also)}",) if also else (),
+        hint="Every rank's stack was dumped into the job log when the hang was found; the "
+        "other ranks were waiting for this one. Raise --hang-timeout if a step can take longer.",
     )
 
 

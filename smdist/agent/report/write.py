@@ -109,8 +109,11 @@ def report(
     extra: Mapping[str, Any] | None = None,
     memory_at_start: MemoryStats | None = None,
     whole_job: bool = True,
+    headline_note: str = "",
 ) -> Diagnosis:
     """Classify the root cause, write the failure file and the JSON report.
+
+    ``headline_note`` ends the first line (a restarted job: how many attempts were made).
 
     The root cause is ``smdist_error`` (one of smdist's own stages failed), else
     ``root_cause``, else the earliest failure that is not a victim. A failure file the
@@ -149,6 +152,7 @@ def report(
         category = c.category
         head = f"{category}: {contract.clip(one_line(c.reason, 700), 700)} ({root.suffix()})"
         exit_code = root.exit_code or 1
+    head += headline_note
     text = _compose(head, c, _other_lines(failures, root), report_path)
 
     user_text = _read_user_failure(paths)

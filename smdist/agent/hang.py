@@ -1,0 +1,156 @@
+"""Hang detection and step rates, from each rank's step counter (``smdist.steps``).
+
+A rank that made no step for ``--hang-timeout`` seconds (a rank that never counts a step is
+judged by its output instead) starts a job-wide check: every host dumps its ranks' Python
+stacks and reports each rank's steps, idle time and innermost frames. The rank(s) that
+stopped *first* are the cause: the fewest steps, and of those the ones not waiting inside
+a collective (the others are their victims). Their hang is the job's failure.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from smdist import contract
+from smdist.contract import RunDir
+from smdist.steps import StepCounter
+
+TICK_S = 1.0
+STARTUP_S = 120.0
+"""A rank that has neither counted a step nor written a line yet is still starting (importing
+torch, meeting its peers): it is judged against the larger of this and the timeout."""
+REPORT_WAIT_S = 5.0
+"""How long the host that found a hang waits for every host's stacks before it decides."""
+STRAGGLER_RATIO = 0.5
+"""A rank below this fraction of the median step rate is named a straggler."""
+_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>.+)$')
+_COLLECTIVE_FILES = ("/torch/distributed/", "/torch/nn/parallel/", "/mpi4py/")
+
+
+@dataclass
+class RankSteps:
+    """One local rank's counter as the agent samples it."""
+
+    rank: int
+    local_rank: int
+    counter: StepCounter
+    started: float = field(default_factory=time.monotonic)
+    steps: int = 0
+    changed_at: float = field(default_factory=time.monotonic)
+    first: tuple[float, int] | None = None
+    """(when, steps) of the first step seen: the rate leaves start-up out."""
+
+    def sample(self, now: float) -> None:
+        steps = self.counter.read()
+        if steps != self.steps:
+            if self.first is None:
+                self.first = (now, steps)
+            self.steps, self.changed_at = steps, now
+
+    def idle_s(self, now: float, last_output: float) -> tuple[float, str]:
+        """Seconds without progress, and what says so: its steps, or its output."""
+        if self.steps:
+            return now - self.changed_at, "steps"
+        return now - max(self.started, last_output), "output"
+
+    def hung(self, now: float, last_output: float, timeout_s: float) -> bool:
+        seconds, _ = self.idle_s(now, last_output)
+        starting = not self.steps and last_output <= self.started
+        return seconds >= (max(timeout_s, STARTUP_S) if starting else timeout_s)
+
+    def rate(self) -> float | None:
+        """Steps per second between its first and its last step seen."""
+        if self.first is None or self.changed_at <= self.first[0]:
+            return None
+        return (self.steps - self.first[1]) / (self.changed_at - self.first[0])
+
+
+def open_counter(run_dir: Path, rank: int, local_rank: int) -> RankSteps:
+    return RankSteps(rank, local_rank, StepCounter.create(RunDir(run_dir).steps_file(rank)))
+
+
+def main_thread_frames(lines: Sequence[str]) -> list[dict[str, Any]]:
+    """The main thread's frames (outermost first) from a faulthandler dump of all threads.
+
+    faulthandler lists threads newest first, so the main thread is the last block."""
+    headers = [i for i, s in enumerate(lines) if "(most recent call first)" in s]
+    if not headers:
+        return []
+    frames = []
+    for line in lines[headers[-1] + 1 :]:
+        m = _FRAME.match(line.rstrip())
+        if not m:
+            break
+        frames.append({"file": m["file"], "line": int(m["line"]), "function": m["func"]})
+    frames.reverse()
+    return frames
+
+
+def _is_user(frame: Mapping[str, Any]) -> bool:
+    return contract.is_user_file(str(frame["file"]))
+
+
+def rank_report(
+    host: str, rs: RankSteps, idle: float, judged_by: str, dump: Sequence[str]
+) -> dict[str, Any]:
+    """What one host says about one of its ranks when a hang is being checked."""
+    frames = main_thread_frames(dump)
+    user = [f for f in frames if _is_user(f)]
+    return {
+        "host": host,
+        "rank": rs.rank,
+        "local_rank": rs.local_rank,
+        "steps": rs.steps,
+        "idle_s": round(idle, 1),
+        "judged_by": judged_by,
+        "in_collective": any(p in str(f["file"]) for f in frames[-8:] for p in _COLLECTIVE_FILES),
+        "frames": [dict(f, user=_is_user(f)) for f in frames[-20:]],
+        "where": _where(user[-1]) if user else (_where(frames[-1]) if frames else None),
+    }
+
+
+def _where(frame: Mapping[str, Any]) -> str:
+    return f"{Path(str(frame['file'])).name}:{frame['line']} in {frame['function']}"
+
+
+def first_stuck(ranks: Sequence[Mapping[str, Any]], timeout_s: float) -> list[Mapping[str, Any]]:
+    """The rank(s) that stopped first: of the idle ones, the fewest steps; of those, the
+    ones not waiting in a collective (when every one is, all of them)."""
+    idle = [r for r in ranks if float(r["idle_s"]) >= timeout_s / 2]
+    if not idle:
+        return []
+    least = min(int(r["steps"]) for r in idle)
+    first = [r for r in idle if int(r["steps"]) == least]
+    outside = [r for r in first if not r["in_collective"]]
+    return sorted(outside or first, key=lambda r: int(r["rank"]))
+
+
+def hang_record(culprits: Sequence[Mapping[str, Any]], timeout_s: float) -> dict[str, Any]:
+    """The error record of a hang (classified as ``Hang``), for the root-cause rank."""
+    top = culprits[0]
+    return {
+        "kind": "hang",
+        "type": "Hang",
+        "message": f"no progress for {top['idle_s']:.0f} s (--hang-timeout {timeout_s:g})",
+        "timeout_s": timeout_s,
+        "idle_s": top["idle_s"],
+        "judged_by": top["judged_by"],
+        "where": top["where"],
+        "frames": top["frames"],
+        "ranks": [{"host": r["host"], "rank": r["rank"], "where": r["where"]} for r in culprits],
+        "time": time.time(),
+    }
+
+
+def stragglers(rates: Mapping[int, float]) -> list[tuple[int, float, float]]:
+    """(rank, rate, median) for each rank much slower than the median."""
+    if len(rates) < 2:
+        return []
+    median = statistics.median(rates.values())
+    return [(r, v, median) for r, v in sorted(rates.items()) if v < STRAGGLER_RATIO * median]
