@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import signal
 import threading
 import time
@@ -467,3 +468,18 @@ _reporter: Callable[[str], None] = print
 def _progress(what: str, key: str, name: str, r: int, value: float | None) -> None:
     shown = "-" if value is None else f"{value:.3f}"
     _reporter(f"  {what:13} {key:>8} run {r + 1}  {name:9} {shown}")
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a run was taken on, with its load: every results file records it."""
+    from importlib.metadata import version
+
+    load = os.getloadavg()
+    return {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "cpus": os.cpu_count(),
+        "load_avg_1m_at_start": round(load[0], 2),
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "platform": platform.platform(),
+    }

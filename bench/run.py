@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -63,20 +62,6 @@ def _parser() -> argparse.ArgumentParser:
         help="skip " + ", ".join(f"python -m {m}" for m in EXTERNAL.values()),
     )
     return p
-
-
-def _machine() -> dict[str, Any]:
-    from importlib.metadata import version
-
-    load = os.getloadavg()
-    return {
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "cpus": os.cpu_count(),
-        "load_avg_1m_at_start": round(load[0], 2),
-        "python": platform.python_version(),
-        "torch": version("torch"),
-        "platform": platform.platform(),
-    }
 
 
 def _external(runs: int, results: Path) -> None:
@@ -155,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "scale": lambda: measure.scale(plan, [1, 4, 16] if quick else [1, 4, 16, 64]),
     }
     ns.results.mkdir(parents=True, exist_ok=True)
-    machine = _machine()
+    machine = measure.machine_info()
     print(
         f"bench: {runs} run(s) each, launchers {', '.join(usable)}, "
         f"{machine['cpus']} CPUs, load {machine['load_avg_1m_at_start']}",

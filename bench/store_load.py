@@ -348,10 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("smdist").addHandler(logging.StreamHandler(sys.stderr))
         logging.getLogger("smdist").setLevel(logging.WARNING)
         return serve(*ns.serve)
-    from bench.run import _machine
+    from bench.measure import machine_info
 
     sizes = tuple(int(s) for s in ns.sizes.split(","))
-    machine = _machine()
+    machine = machine_info()
     # make bench passes its --runs (5): three per size are enough for a ten-second window.
     data = measure(sizes, min(ns.runs, 3), ns.steady)
     data["machine"] = machine
