@@ -162,12 +162,16 @@ def _agent_flags(ns: argparse.Namespace) -> list[str]:
     return flags
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``smdist-run [OPTIONS] SCRIPT.py|-m MODULE|PROGRAM [ARGS...]``."""
+def _begin(prog: str, takes_entry: bool, argv: Sequence[str] | None) -> argparse.Namespace | int:
+    """What both entry points do first: signals handled, then the arguments parsed."""
     stages.install()  # first: as PID 1, a signal without a handler is dropped
     timeline.mark("agent modules imported")
-    args = list(sys.argv[1:] if argv is None else argv)
-    ns = _parse("smdist-run", True, args)
+    return _parse(prog, takes_entry, list(sys.argv[1:] if argv is None else argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``smdist-run [OPTIONS] SCRIPT.py|-m MODULE|PROGRAM [ARGS...]``."""
+    ns = _begin("smdist-run", True, argv)
     if isinstance(ns, int):
         return ns
     entry: list[str] = list(ns.entry)
@@ -209,10 +213,7 @@ def _entry_from_job(paths: cfg.Paths) -> str:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``train``: what SageMaker runs. The entry comes from the job, relative to /opt/ml/code."""
-    stages.install()  # first: as PID 1, a signal without a handler is dropped
-    timeline.mark("agent modules imported")
-    args = list(sys.argv[1:] if argv is None else argv)
-    ns = _parse("train", False, args)
+    ns = _begin("train", False, argv)
     if isinstance(ns, int):
         return ns
     paths = cfg.resolve_root(ns.opt_ml)
