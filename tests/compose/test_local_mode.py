@@ -225,3 +225,36 @@ def test_a_slow_rank_0_save_in_the_shared_model_dir(local_mode: LocalMode, tmp_p
     for host, log in fit.container_logs.items():
         for word in ("ModelDirClash", "same content", "left by a write that never finished"):
             assert word not in log, (host, word, fit.logs())
+
+
+def reports(fit: FitResult) -> list[dict[str, Any]]:
+    """Every smdist JSON report in output.tar.gz, whatever name it survived the merge under."""
+    return [
+        r
+        for name, r in json_members(fit, "data/").items()
+        if name.endswith(".json") and isinstance(r, dict) and "headline" in r
+    ]
+
+
+def test_a_failing_rank_reaches_output_tar_gz_with_the_masters_full_report(
+    local_mode: LocalMode, tmp_path: Path
+) -> None:
+    fit = local_mode.fit(
+        "rank-fails",
+        source_dir=source_dir(tmp_path, "raise_in_allreduce.py"),
+        entry_point="raise_in_allreduce.py",
+        hyperparameters={"fail-rank": 1},
+    )
+    assert not fit.ok and fit.error_type == "RuntimeError", fit.logs()
+    master, worker = fit.hosts
+    headline = fit.text("failure").splitlines()[0]
+    assert headline.startswith("UserScriptError: RuntimeError: bad batch on rank 1"), headline
+    assert f"host {worker}, rank 1" in headline, headline
+    found = reports(fit)
+    by_host = {r["current_host"]: r for r in found}
+    assert sorted(by_host) == sorted(fit.hosts), ([sorted(fit.output)], fit.logs())
+    # The master's report is the whole job's: every rank, the root cause named once.
+    full = by_host[master]
+    assert [(f["rank"], f["host"]) for f in full["failures"]] == [(0, master), (1, worker)], full
+    assert full["root_cause"]["rank"] == 1 and full["root_cause"]["host"] == worker, full
+    assert full["failure_file"].count("bad batch on rank 1") == 1, full["failure_file"]
