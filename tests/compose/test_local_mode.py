@@ -227,15 +227,6 @@ def test_a_slow_rank_0_save_in_the_shared_model_dir(local_mode: LocalMode, tmp_p
             assert word not in log, (host, word, fit.logs())
 
 
-def reports(fit: FitResult) -> list[dict[str, Any]]:
-    """Every smdist JSON report in output.tar.gz, whatever name it survived the merge under."""
-    return [
-        r
-        for name, r in json_members(fit, "data/").items()
-        if name.endswith(".json") and isinstance(r, dict) and "headline" in r
-    ]
-
-
 def test_a_failing_rank_reaches_output_tar_gz_with_the_masters_full_report(
     local_mode: LocalMode, tmp_path: Path
 ) -> None:
@@ -250,11 +241,20 @@ def test_a_failing_rank_reaches_output_tar_gz_with_the_masters_full_report(
     headline = fit.text("failure").splitlines()[0]
     assert headline.startswith("UserScriptError: RuntimeError: bad batch on rank 1"), headline
     assert f"host {worker}, rank 1" in headline, headline
-    found = reports(fit)
-    by_host = {r["current_host"]: r for r in found}
-    assert sorted(by_host) == sorted(fit.hosts), ([sorted(fit.output)], fit.logs())
+    # The SDK merges the hosts' output dirs (the last host wins a name): each host's report
+    # has its own name, and only the master writes the whole job's.
+    found = json_members(fit, "data/smdist-failure")
+    assert sorted(found) == sorted(
+        ["data/smdist-failure.json", *(f"data/smdist-failure-{h}.json" for h in fit.hosts)]
+    ), (sorted(fit.output), fit.logs())
+    own = found[f"data/smdist-failure-{worker}.json"]  # the failing host's own report
+    assert own["current_host"] == worker, own
+    assert (1, worker) in [(f["rank"], f["host"]) for f in own["failures"]], own
+    assert own["headline"].startswith("UserScriptError: RuntimeError: bad batch on rank 1"), own
     # The master's report is the whole job's: every rank, the root cause named once.
-    full = by_host[master]
+    full = found["data/smdist-failure.json"]
+    assert full["current_host"] == master, full
+    assert full == found[f"data/smdist-failure-{master}.json"]
     assert [(f["rank"], f["host"]) for f in full["failures"]] == [(0, master), (1, worker)], full
     assert full["root_cause"]["rank"] == 1 and full["root_cause"]["host"] == worker, full
     assert full["failure_file"].count("bad batch on rank 1") == 1, full["failure_file"]
