@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from smdist import contract, timeline
-from smdist.agent import hang, stages
+from smdist.agent import hang, reaper, stages
 from smdist.agent.rendezvous import Coordinator, JobEvent
 from smdist.contract import STACK_DUMP_SIGNAL
 from smdist.log import log
@@ -236,6 +236,7 @@ class Supervisor:
 
     def _wait_worker(self, w: Worker) -> None:
         code = w.proc.wait()
+        reaper.forget(w.proc.pid)
         w.exited_at = time.time()
         w.returncode = code
         self._wake()
@@ -249,15 +250,17 @@ class Supervisor:
                 counter = hang.open_counter(spec.error_file.parent, spec.rank, spec.local_rank)
                 env = dict(env, **{contract.STEPS_FILE_ENV: str(counter.counter.path)})
                 self.tick_at = time.monotonic() + self._tick_s()
-            proc = subprocess.Popen(
-                spec.argv,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                preexec_fn=contract.exec_dying_with(me),
-            )
+            with reaper.spawning() as own:  # its own session: registered before it can exit
+                proc = subprocess.Popen(
+                    spec.argv,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                    preexec_fn=contract.exec_dying_with(me),
+                )
+                own.add(proc.pid)
             timeline.mark(f"rank {spec.rank} spawned")
             w = Worker(spec, proc, steps=counter)
             prefix = f"[{self.host}/{spec.rank}] ".encode() if spec.prefix else b""
@@ -318,6 +321,7 @@ class Supervisor:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         old_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         self._signals += stages.take_pending()  # a stop just before these handlers were in
+        reaper.start_if_pid1()  # a container's init: the job's orphans are ours
         try:
             self.start()
             self.coordinator.start_watch(self._wake)
