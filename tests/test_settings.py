@@ -135,3 +135,20 @@ def test_parser_defaults_are_none_so_a_given_flag_is_told_apart() -> None:
     ns = cli._parser("smdist-run", True).parse_args(["train.py"])
     assert all(getattr(ns, s.dest) is None for s in settings.TABLE)
     assert isinstance(ns, argparse.Namespace)
+
+
+def test_simulated_agents_get_every_setting_the_simulation_does_not_choose() -> None:
+    """``--simulate`` hands each host's agent this command's settings: every row not chosen
+    by the simulation itself arrives with its value (a new row needs no extra code)."""
+    passed = [s for s in settings.TABLE if s.dest not in settings.SIMULATION_CHOOSES]
+    assert {"max_restarts", "hang_timeout", "grace", "backend"} <= {s.dest for s in passed}
+    args = ["--simulate", "2x1"]
+    for s in passed:
+        args += [s.flag] if s.parse is None else [s.flag, s.example_value()]
+    parsed = cli._parse("smdist-run", True, [*args, "train.py"])
+    assert isinstance(parsed, argparse.Namespace)
+    handed = cli._agent_flags(parsed)
+    child = _ns(handed, {})
+    for s in passed:
+        assert child.values[s.dest] == getattr(parsed, s.dest), s.flag
+        assert child.sources[s.dest] == s.flag, s.flag

@@ -143,23 +143,11 @@ def _dispatch(ns: argparse.Namespace, entry: list[str], base_dir: Path | None) -
 
 
 def _agent_flags(ns: argparse.Namespace) -> list[str]:
-    """The flags each simulated host's agent gets (the rest is the simulation's to choose)."""
-    flags = [
-        "--rdzv-timeout", str(ns.rdzv_timeout),
-        "--heartbeat-timeout", str(ns.heartbeat_timeout),
-        "--grace", str(ns.grace),
-        "--abort-grace", str(ns.abort_grace),
-        "--install-timeout", str(ns.install_timeout),
-    ]  # fmt: skip
-    if ns.backend:
-        flags += ["--backend", ns.backend]
-    if ns.no_hyperparameter_args:
-        flags.append("--no-hyperparameter-args")
-    if ns.max_restarts is not None:
-        flags += ["--max-restarts", str(ns.max_restarts)]
-    if ns.hang_timeout is not None:
-        flags += ["--hang-timeout", str(ns.hang_timeout)]
-    return flags
+    """The flags each simulated host's agent gets: every setting the simulation does not
+    choose itself, with this command's value (flag, variable or default)."""
+    names = [s.dest for s in settings.TABLE if s.dest not in settings.SIMULATION_CHOOSES]
+    values = {name: getattr(ns, name) for name in names}
+    return settings.flags_for(settings.Resolved(values, ns.settings_sources), names)
 
 
 def _begin(prog: str, takes_entry: bool, argv: Sequence[str] | None) -> argparse.Namespace | int:

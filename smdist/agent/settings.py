@@ -205,6 +205,13 @@ TABLE: tuple[Setting, ...] = (
 )
 BY_DEST = {s.dest: s for s in TABLE}
 
+SIMULATION_CHOOSES = frozenset(
+    {"opt_ml", "nproc_per_host", "simulate", "work_dir", "rdzv_port", "master_port",
+     "dns_timeout", "nameserver", "host_addresses", "check"}
+)  # fmt: skip
+"""What ``--simulate`` chooses for each simulated host's agent; every other row is passed on
+(a new row reaches the simulated agents without anyone remembering to pass it)."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One argument per row; every default is None so that a given flag can be told apart
