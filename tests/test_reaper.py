@@ -57,29 +57,23 @@ print("all reaped", flush=True)
 """
 
 
-def test_pid1_agent_reaps_orphans_and_keeps_its_workers_exit_codes(tmp_path: Path) -> None:
-    script = write_script(tmp_path / "orphans.py", ORPHANS)
+def _pid1_job(tmp_path: Path, script: Path, nproc: int) -> subprocess.CompletedProcess[str]:
+    """A one-host job whose agent is PID 1 of its own PID namespace and /proc."""
     root = make_tree(tmp_path / "algo-1")
-    proc = subprocess.run(
-        [
-            "unshare",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--mount-proc",
-            *SMDIST,
-            "--opt-ml",
-            str(root),
-            "--nproc-per-host",
-            "2",
-            str(script),
-        ],
+    pid1 = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
+    args = ["--opt-ml", str(root), "--nproc-per-host", str(nproc), str(script)]
+    return subprocess.run(
+        [*pid1, *SMDIST, *args],
         capture_output=True,
         text=True,
         env=env(),
         cwd=REPO,
         timeout=120,
     )
+
+
+def test_pid1_agent_reaps_orphans_and_keeps_its_workers_exit_codes(tmp_path: Path) -> None:
+    proc = _pid1_job(tmp_path, write_script(tmp_path / "orphans.py", ORPHANS), 2)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert out.count("all reaped") == 2, out
@@ -91,26 +85,6 @@ def test_pid1_agent_still_reports_a_worker_that_fails_at_once(tmp_path: Path) ->
     """A worker that exits before the agent has looked at it keeps its exit code: the
     reaper never takes a status that belongs to the supervisor."""
     script = write_script(tmp_path / "fails.py", "import sys; sys.exit(7)\n")
-    root = make_tree(tmp_path / "algo-1")
     for _ in range(3):
-        proc = subprocess.run(
-            [
-                "unshare",
-                "--pid",
-                "--fork",
-                "--kill-child",
-                "--mount-proc",
-                *SMDIST,
-                "--opt-ml",
-                str(root),
-                "--nproc-per-host",
-                "4",
-                str(script),
-            ],
-            capture_output=True,
-            text=True,
-            env=env(),
-            cwd=REPO,
-            timeout=120,
-        )
+        proc = _pid1_job(tmp_path, script, 4)
         assert proc.returncode == 7, proc.stdout + proc.stderr
