@@ -163,3 +163,29 @@ def test_a_hosts_clean_up_removes_only_its_own_abandoned_temp_files(tmp_path: Pa
     assert (contract.temp_owner(mine), contract.temp_owner(theirs)) == ("algo-2", "algo-1")
     assert remove_temp_files(tmp_path, owner="algo-2") == [mine]
     assert theirs.exists()
+
+
+def test_a_killed_agents_marker_is_removed_by_the_next_job_on_that_host(tmp_path: Path) -> None:
+    """An agent killed with SIGKILL leaves its marker; the next job's agent on the same host
+    removes it (it would be archived with the model), never another host's."""
+    from smdist.agent.model_dir import MARKER_PREFIX, ModelDir
+    from smdist.config import Paths
+
+    paths = Paths(tmp_path)
+    model = paths.model_dir
+    model.mkdir(parents=True)
+    stale = model / f"{MARKER_PREFIX}algo-1-{'0' * 16}"
+    others = [model / f"{MARKER_PREFIX}algo-2-{'1' * 16}", model / f"{MARKER_PREFIX}algo-1-x"]
+    for p in (stale, *others):
+        p.write_text("old")
+    (model / "model.pt").write_bytes(b"weights")
+
+    md = ModelDir(paths, "algo-1", ["algo-1", "algo-2"])
+    md.mark()
+    assert not stale.exists()
+    assert all(p.exists() for p in others), "other hosts' markers (and unlike names) stay"
+    assert md.marker.is_file() and (model / "model.pt").read_bytes() == b"weights"
+    md.unmark()
+    assert sorted(p.name for p in model.iterdir()) == sorted(
+        ["model.pt", *(p.name for p in others)]
+    )

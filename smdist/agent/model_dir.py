@@ -194,6 +194,10 @@ def check_clashes(inventories: Mapping[str, Mapping[str, tuple[int, str]]]) -> l
     return warnings
 
 
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
 class ModelDir:
     """This host's /opt/ml/model (and checkpoint dir) in a job of ``hosts``."""
 
@@ -213,9 +217,21 @@ class ModelDir:
             return
         try:
             self.paths.model_dir.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_markers()
             self.marker.write_text(self.host, encoding="utf-8")
         except OSError as exc:  # the preflight check names an unwritable dir; not fatal here
             log.warning("model dir: cannot write %s (%s)", self.marker, exc.strerror or exc)
+
+    def _remove_stale_markers(self) -> None:
+        """This host's markers from an earlier job whose agent was killed before it could
+        remove them: they would end up in the model archive. Other hosts' are theirs."""
+        prefix = f"{MARKER_PREFIX}{self.host}-"
+        for p in self.paths.model_dir.iterdir():
+            token = p.name.removeprefix(prefix)
+            if p.name.startswith(prefix) and len(token) == 16 and _is_hex(token):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    log.info("model dir: removed %s, left by an earlier agent on this host", p)
 
     def unmark(self) -> None:
         with contextlib.suppress(OSError):
