@@ -11,7 +11,16 @@ import signal
 import time
 from pathlib import Path
 
-from tests.helpers import make_tree, pid_alive, run, start, start_hosts, wait_for, write_script
+from tests.helpers import (
+    free_port,
+    make_tree,
+    pid_alive,
+    run,
+    start,
+    start_hosts,
+    wait_for,
+    write_script,
+)
 
 RAISE_IN_COLLECTIVE = """
 import os, time
@@ -262,3 +271,49 @@ def test_a_late_sigterm_after_the_stop_does_not_kill_the_teardown(tmp_path: Path
     r = run(["--opt-ml", str(root), str(script)], timeout=60)
     assert r.returncode == 0, r.stderr
     assert "[algo-1/0] teardown finished" in r.stdout
+
+
+def _mismatched_hosts(tmp_path: Path, **extra_env: str) -> dict[str, str]:
+    """algo-2's resourceconfig.json lists a third host; every agent's stderr."""
+    script = write_script(tmp_path / "never.py", "print('worker ran')\n")
+    port = str(free_port())
+    lists = {"algo-1": ["algo-1", "algo-2"], "algo-2": ["algo-1", "algo-2", "algo-3"]}
+    addresses = "algo-1=127.0.0.1,algo-2=127.0.0.1,algo-3=127.0.0.1"
+    agents = {
+        h: start(
+            [
+                "--opt-ml", str(make_tree(tmp_path / h, h, hosts)),
+                "--rdzv-port", port, "--host-addresses", addresses,
+                "--rdzv-timeout", "15", str(script),
+            ],
+            **extra_env,
+        )  # fmt: skip
+        for h, hosts in lists.items()
+    }
+    logs = {h: p.communicate(timeout=120)[1] for h, p in agents.items()}
+    assert all(p.returncode != 0 for p in agents.values()), logs
+    assert all((tmp_path / h / "output/failure").is_file() for h in lists), logs
+    assert not any("worker ran" in log or "Traceback" in log for log in logs.values()), logs
+    return logs
+
+
+def test_hosts_whose_configs_list_different_hosts_fail_naming_both(tmp_path: Path) -> None:
+    """With one secret for the job, the master refuses the meeting with a one-line error
+    naming both host lists (in short); every host fails, no worker starts."""
+    logs = _mismatched_hosts(tmp_path, SMDIST_JOB_SECRET="one-secret-for-the-job")
+    expected = (
+        "hosts differ between algo-1 (2 hosts: algo-1, algo-2) and algo-2 (3 hosts: algo-1, "
+        "algo-2, algo-3): every host's resourceconfig.json must list the same hosts"
+    )
+    assert expected in logs["algo-1"], logs["algo-1"]
+    first = (tmp_path / "algo-1/output/failure").read_text().splitlines()[0]
+    assert expected in first, first
+
+
+def test_a_derived_secret_differs_with_the_hosts_and_both_sides_say_so(tmp_path: Path) -> None:
+    """Without SMDIST_JOB_SECRET the host list is part of the derived secret: algo-2 is told
+    at once that the secrets differ, and the master's timeout names the refused address."""
+    logs = _mismatched_hosts(tmp_path)
+    assert "the hosts hold different secrets" in logs["algo-2"], logs["algo-2"]
+    first = (tmp_path / "algo-1/output/failure").read_text().splitlines()[0]
+    assert "missing algo-2 (refused for a different secret: 127.0.0.1" in first, first

@@ -223,6 +223,21 @@ class LocalCoordinator:
         self.report(event)
 
 
+def _hosts_shown(hosts: Sequence[str]) -> str:
+    if len(hosts) <= 4:
+        return f"{len(hosts)} hosts: " + ", ".join(hosts)
+    return f"{len(hosts)} hosts: {', '.join(hosts[:2])}, ..., {hosts[-1]}"
+
+
+def _hosts_summary(hosts: Sequence[str]) -> dict[str, str]:
+    """What a host says of its host list when it joins: a digest and a short form, not the
+    list (at 1024 hosts the lists alone were 10 MB for the master to read and parse)."""
+    import hashlib  # loaded already by the store's authentication
+
+    digest = hashlib.sha256("\n".join(hosts).encode()).hexdigest()[:32]
+    return {"sha256": digest, "shown": _hosts_shown(hosts)}
+
+
 def _import_store() -> None:
     """The store (its sockets, threads, retries and authentication) is imported only when
     there are other hosts to meet: a one-host job's agent never pays for it (issue 18)."""
@@ -248,7 +263,12 @@ def check_port_free(port: int, what: str, host: str) -> None:
 
 
 def _wait_logged(
-    client: Scoped, keys: Sequence[str], timeout_s: float, what: str, where: str
+    client: Scoped,
+    keys: Sequence[str],
+    timeout_s: float,
+    what: str,
+    where: str,
+    hint: Callable[[], str] = str,
 ) -> None:
     """Wait for ``keys`` with a progress line every 10 s and a deadline.
 
@@ -277,12 +297,12 @@ def _wait_logged(
         if left <= 0:
             raise RendezvousFailed(
                 f"{what} did not arrive at the rendezvous on {where} within {timeout_s:.0f} s: "
-                f"missing {', '.join(m.removeprefix('host/') for m in missing)}"
+                f"missing {', '.join(m.removeprefix('host/') for m in missing)}{hint()}"
             )
         if now >= next_note:
             log.info(
                 "waiting for %s at the rendezvous on %s: %d/%d present, missing %s "
-                "(%.0f s of %.0f s)",
+                "(%.0f s of %.0f s)%s",
                 what,
                 where,
                 len(keys) - len(missing),
@@ -291,6 +311,7 @@ def _wait_logged(
                 + (" ..." if len(missing) > 8 else ""),
                 now - start,
                 timeout_s,
+                hint(),
             )
             next_note = now + 10.0
 
@@ -535,22 +556,32 @@ class Rendezvous:
     def _agree(self, ctl: Scoped, nproc: int, attempt: int, where: str) -> dict[str, int]:
         """Publish this host's process count; the master publishes the plan; read it."""
         timeout_s, ordered = self.settings.timeout_s, self.hosts
-        info = {"nproc": nproc, "hosts": list(ordered), "token": self.token}
+        info = {"nproc": nproc, "hosts": _hosts_summary(ordered), "token": self.token}
         ctl.set(f"host/{self.host}", json.dumps(info))
         waiting = "every host" if self.server is not None else "the plan"
         log.info("joined the rendezvous on %s; waiting for %s", where, waiting)
         if self.server is not None:
-            _wait_logged(ctl, [f"host/{h}" for h in ordered], timeout_s, "hosts", where)
+            server = self.server
+
+            def refused() -> str:
+                who = server.refused_secret()
+                return (
+                    f" (refused for a different secret: {who}; see that host's log)" if who else ""
+                )
+
+            _wait_logged(
+                ctl, [f"host/{h}" for h in ordered], timeout_s, "hosts", where, refused
+            )
             joined = ctl.prefix("host/")
             nprocs: dict[str, int] = {}
             tokens: dict[str, str] = {}
             for h in ordered:
                 info = json.loads(joined[f"host/{h}"])
-                if tuple(info["hosts"]) != ordered:
+                if info["hosts"] != _hosts_summary(ordered):
                     raise RendezvousFailed(
-                        f"hosts differ between {self.master} {list(ordered)} and {h} "
-                        f"{info['hosts']}: every host's resourceconfig.json must list the same "
-                        "hosts"
+                        f"hosts differ between {self.master} ({_hosts_shown(ordered)}) and "
+                        f"{h} ({info['hosts'].get('shown', '?')}): every host's "
+                        "resourceconfig.json must list the same hosts"
                     )
                 nprocs[h] = int(info["nproc"])
                 tokens[h] = str(info.get("token", ""))

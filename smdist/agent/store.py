@@ -323,6 +323,13 @@ class StoreServer:
             log.warning("store: refused %s: %s (%d time%s%s)",
                         address, why, n, "" if n == 1 else "s", hint)  # fmt: skip
 
+    def refused_secret(self) -> str:
+        """Who was refused for not proving the job's secret ("" if nobody): a host whose
+        secret differs is told at once, but the master only sees a refusal."""
+        with self._lock:
+            seen = sorted(a for (a, kind) in self._refused if kind == "secret")
+        return ", ".join(seen)
+
     def _io(self, conn: _Conn, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
             self._flush(conn)
@@ -646,8 +653,8 @@ class StoreClient:
         except (StoreUnavailable, OSError):
             raise StoreRefused(
                 f"{self._where()} refused this host's proof of the job secret: the hosts "
-                "hold different secrets (SMDIST_JOB_SECRET differs, or, when derived, "
-                "hyperparameters.json or inputdataconfig.json differ between hosts)"
+                "hold different secrets (SMDIST_JOB_SECRET differs, or, when derived, the "
+                "hosts, job name, hyperparameters.json or inputdataconfig.json differ)"
             ) from None
         if not hmac.compare_digest(answer, _mac(secret, b"server", server_nonce, client_nonce)):
             raise StoreRefused(
