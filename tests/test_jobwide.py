@@ -279,15 +279,12 @@ def _mismatched_hosts(tmp_path: Path, **extra_env: str) -> dict[str, str]:
     port = str(free_port())
     lists = {"algo-1": ["algo-1", "algo-2"], "algo-2": ["algo-1", "algo-2", "algo-3"]}
     addresses = "algo-1=127.0.0.1,algo-2=127.0.0.1,algo-3=127.0.0.1"
+    common = ["--rdzv-port", port, "--host-addresses", addresses, "--rdzv-timeout", "15"]
     agents = {
         h: start(
-            [
-                "--opt-ml", str(make_tree(tmp_path / h, h, hosts)),
-                "--rdzv-port", port, "--host-addresses", addresses,
-                "--rdzv-timeout", "15", str(script),
-            ],
+            ["--opt-ml", str(make_tree(tmp_path / h, h, hosts)), *common, str(script)],
             **extra_env,
-        )  # fmt: skip
+        )
         for h, hosts in lists.items()
     }
     logs = {h: p.communicate(timeout=120)[1] for h, p in agents.items()}

@@ -569,9 +569,7 @@ class Rendezvous:
                     f" (refused for a different secret: {who}; see that host's log)" if who else ""
                 )
 
-            _wait_logged(
-                ctl, [f"host/{h}" for h in ordered], timeout_s, "hosts", where, refused
-            )
+            _wait_logged(ctl, [f"host/{h}" for h in ordered], timeout_s, "hosts", where, refused)
             joined = ctl.prefix("host/")
             nprocs: dict[str, int] = {}
             tokens: dict[str, str] = {}
