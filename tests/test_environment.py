@@ -232,3 +232,13 @@ def test_the_first_environment_that_detects_wins() -> None:
 def test_a_bad_variable_is_named() -> None:
     with pytest.raises(environment.VariableError, match="environment variable PMI_SIZE: "):
         _ = environment.detect({"PMI_RANK": "0", "PMI_SIZE": "four"}).world_size
+
+
+def test_the_plain_process_of_a_host_outside_the_world() -> None:
+    outside = {"SMDIST_AGENT_PID": "1", "SMDIST_OUTSIDE_WORLD": "3/2", "SM_CURRENT_HOST": "a"}
+    env = environment.detect(outside)
+    assert type(env) is environment.OutsideWorld and not env.in_world
+    assert (env.rank, env.world_size, env.local_rank) == (3, 2, 0)
+    assert environment.detect({"SMDIST_AGENT_PID": "1", "RANK": "0"}).in_world
+    with pytest.raises(environment.VariableError, match="SMDIST_OUTSIDE_WORLD: expected"):
+        _ = environment.detect({"SMDIST_OUTSIDE_WORLD": "three"}).rank

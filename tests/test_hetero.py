@@ -58,7 +58,30 @@ dist.destroy_process_group()
 """
 
 
-def _job(tmp_path: Path, **extra_env: str) -> dict[str, subprocess.Popen[str]]:
+DECORATED = """
+import json, os
+import torch, torch.distributed as dist
+import smdist
+
+@smdist.main
+def train(ctx):
+    seen = {"in_world": ctx.in_world, "rank": ctx.rank, "world": ctx.world_size,
+            "is_master": ctx.is_master, "group": dist.is_initialized()}
+    if ctx.in_world:
+        t = torch.tensor([1.0])
+        dist.all_reduce(t)
+        seen["sum"] = t.item()
+    seen["saved"] = ctx.save({"w": 1}, "model.pt") is not None
+    with open(os.path.join(ctx.output_data_dir, "ctx.json"), "w") as f:
+        json.dump(seen, f)
+
+train()
+"""
+
+
+def _job(
+    tmp_path: Path, script: str = SCRIPT, **extra_env: str
+) -> dict[str, subprocess.Popen[str]]:
     port = free_port()
     addresses = ",".join(f"{h}=127.0.0.1" for h in HOSTS)
     agents = {}
@@ -66,7 +89,7 @@ def _job(tmp_path: Path, **extra_env: str) -> dict[str, subprocess.Popen[str]]:
         root = make_tree(tmp_path / host, host, HOSTS, hyperparameters=HPS, resource_extra={
             **RESOURCE, "current_group_name": "data" if host == "algo-1" else "train"})  # fmt: skip
         (root / "code").mkdir()
-        (root / "code" / "train.py").write_text(SCRIPT)
+        (root / "code" / "train.py").write_text(script)
         agents[host] = start(
             ["--opt-ml", str(root), "--rdzv-port", str(port), "--host-addresses", addresses,
              "--heartbeat-timeout", "60", str(root / "code" / "train.py")],
@@ -122,3 +145,22 @@ def test_a_stop_reaches_the_plain_host(tmp_path: Path) -> None:
         _, err = agent.communicate(timeout=120)
         assert agent.returncode == 0, f"{host}: {err}"
     assert (data["algo-1"] / "stopped-algo-1-plain").exists()
+
+
+def test_the_decorator_on_the_plain_host_is_outside_the_world(tmp_path: Path) -> None:
+    """``@smdist.main`` on a host outside the distribution: no process group, not the master,
+    numbered after the world's ranks, so the model is saved by the world's rank 0 alone."""
+    agents = _job(tmp_path, DECORATED)
+    for host, agent in agents.items():
+        _, err = agent.communicate(timeout=180)
+        assert agent.returncode == 0, f"{host}: {err}"
+    seen = {
+        h: json.loads((tmp_path / h / "output" / "data" / "ctx.json").read_text()) for h in HOSTS
+    }
+    assert seen["algo-1"] == {"in_world": False, "rank": 2, "world": 2, "is_master": False,
+                              "group": False, "saved": False}  # fmt: skip
+    assert seen["algo-2"] == {"in_world": True, "rank": 0, "world": 2, "is_master": True,
+                              "group": True, "sum": 2.0, "saved": True}  # fmt: skip
+    assert seen["algo-3"]["rank"] == 1 and seen["algo-3"]["saved"] is False
+    models = [h for h in HOSTS if (tmp_path / h / "model" / "model.pt").exists()]
+    assert models == ["algo-2"]

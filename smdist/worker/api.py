@@ -70,6 +70,9 @@ class Context:
     checkpoint_dir: Path
     restart_count: int = 0
     """Which restart of the job this is (0: the first attempt), as --max-restarts counts."""
+    in_world: bool = True
+    """False on a host outside the distribution (heterogeneous clusters): the entry runs
+    there once, with no process group; ``rank`` is numbered after the world's ranks."""
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _stop_hooks: list[Callable[[Context], None]] = field(default_factory=list, repr=False)
     _stop_polled: bool = field(default=False, repr=False)
@@ -240,7 +243,7 @@ def init(*, timeout_s: float | None = None) -> Context:
     local_rank = started.local_rank or 0
     device, backend = _device(local_rank)
     distributed = dist.is_initialized()
-    if not distributed and "MASTER_ADDR" in os.environ:
+    if not distributed and started.in_world and "MASTER_ADDR" in os.environ:
         kwargs: dict[str, Any] = {}
         if timeout_s is not None:
             kwargs["timeout"] = timedelta(seconds=timeout_s)
@@ -265,6 +268,7 @@ def init(*, timeout_s: float | None = None) -> Context:
         output_data_dir=Path(os.environ.get("SM_OUTPUT_DATA_DIR", root / "output" / "data")),
         checkpoint_dir=Path(os.environ.get(contract.CHECKPOINT_DIR_ENV, root / "checkpoints")),
         restart_count=_restart_count(),
+        in_world=started.in_world,
         _distributed=distributed,
     )
 

@@ -34,6 +34,8 @@ class Environment:
     which process speaks for the host.
     """
 
+    in_world: ClassVar[bool] = True
+    """False: the plain process of a host outside the distribution (no process group)."""
     creates_processes_externally: ClassVar[bool] = True
     """A launcher started this process (and its peers); False: run directly, the decorator
     starts smdist's agent itself."""
@@ -144,6 +146,40 @@ class SmdistAgent(Environment):
         return contract.AGENT_PID_ENV in environ
 
 
+class OutsideWorld(Environment):
+    """The plain process of a host outside the distribution's instance groups, started by
+    smdist's agent: not a rank of the world (no ``RANK``, as the toolkit does), numbered
+    after the world's ranks so that it is never the leader that saves the model."""
+
+    in_world = False
+
+    def _pair(self) -> tuple[int, int]:
+        raw = self.environ.get(contract.OUTSIDE_WORLD_ENV, "")
+        number, _, world = raw.partition("/")
+        if not (number.isdigit() and world.isdigit()):
+            raise VariableError(
+                f"environment variable {contract.OUTSIDE_WORLD_ENV}: expected "
+                f"NUMBER/WORLD_SIZE, got {raw!r}"
+            )
+        return int(number), int(world)
+
+    @property
+    def rank(self) -> int:
+        return self._pair()[0]
+
+    @property
+    def world_size(self) -> int:
+        return self._pair()[1]
+
+    @property
+    def local_rank(self) -> int:
+        return 0
+
+    @staticmethod
+    def detect(environ: Mapping[str, str]) -> bool:
+        return contract.OUTSIDE_WORLD_ENV in environ
+
+
 class TorchRun(Environment):
     """Started by torchrun, or by anything else that set torch's rank variables."""
 
@@ -213,7 +249,14 @@ class Direct(Environment):
         return True
 
 
-ENVIRONMENTS: tuple[type[Environment], ...] = (SmdistAgent, TorchRun, OpenMPI, Pmi, Direct)
+ENVIRONMENTS: tuple[type[Environment], ...] = (
+    OutsideWorld,
+    SmdistAgent,
+    TorchRun,
+    OpenMPI,
+    Pmi,
+    Direct,
+)
 """In order: the first whose ``detect()`` holds is how this process was started."""
 
 

@@ -46,6 +46,7 @@ class PlainBackend:
                 **contract.agent_variables(self.config.paths.root),
                 contract.ERROR_FILE_ENV: str(files.error_file(number)),
                 contract.CONTROL_FILE_ENV: str(files.control_file(number)),
+                contract.OUTSIDE_WORLD_ENV: f"{number}/{plan.layout.world_size}",
             }
         )
         return [
