@@ -55,3 +55,29 @@ def test_every_hosts_report_and_the_masters_whole_job_report_survive_the_merge(
     also = [line for line in rest if line.startswith("Also:")]
     assert also and "rank 1 on algo-2" not in also[0], text
     assert "Full report: " + str(data["algo-1"] / "smdist-failure.json") in text
+
+
+SLOW_VICTIM = """
+import os, signal, sys, time
+if os.environ["RANK"] == "0":
+    time.sleep(1)
+    raise ValueError("bad shard on rank 0")
+def slow_stop(*_):  # a victim that takes its time to stop (a checkpoint on the way out)
+    time.sleep(7)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, slow_stop)
+time.sleep(60)
+"""
+
+
+def test_the_masters_report_waits_for_a_host_whose_ranks_stop_slowly(tmp_path: Path) -> None:
+    """The root cause is on the master; algo-2's rank takes 7 s to stop (within the abort
+    grace): the master's whole-job report still lists it, it does not leave after 5 s."""
+    script = write_script(tmp_path / "job.py", SLOW_VICTIM)
+    work = tmp_path / "work"
+    argv = ["--simulate", "2x1", "--work-dir", str(work), "--abort-grace", "20", str(script)]
+    r = run(argv, timeout=120)
+    assert r.returncode == 1, r.stderr
+    whole = json.loads((work / "algo-1/output/data/smdist-failure.json").read_text())
+    assert {(f["host"], f["rank"]) for f in whole["failures"]} == {("algo-1", 0), ("algo-2", 1)}
+    assert "had not left" not in r.stderr, r.stderr

@@ -147,10 +147,14 @@ class Coordinator(Protocol):
         """The hang check's answers by host, and the hosts that have not answered yet."""
 
     def close(
-        self, failures: Sequence[WorkerFailure] = (), step_rates: Mapping[int, float] | None = None
+        self,
+        failures: Sequence[WorkerFailure] = (),
+        step_rates: Mapping[int, float] | None = None,
+        leave_within_s: float | None = None,
     ) -> Departure:
         """Leave the attempt, handing over this host's failures and step rates; the master
-        gets every other host's back, so its report covers every rank."""
+        gets every other host's back (waiting at most ``leave_within_s``, default the
+        settings' ``leave_timeout_s``), so its report covers every rank."""
 
     def stop_before_workers(self, event: JobEvent) -> None:
         """A stop reached this host after the rendezvous but before its workers ran (a
@@ -215,7 +219,10 @@ class LocalCoordinator:
         return ({"this host": self._stacks} if self._stacks is not None else {}), []
 
     def close(
-        self, failures: Sequence[WorkerFailure] = (), step_rates: Mapping[int, float] | None = None
+        self,
+        failures: Sequence[WorkerFailure] = (),
+        step_rates: Mapping[int, float] | None = None,
+        leave_within_s: float | None = None,
     ) -> Departure:
         return Departure({}, dict(step_rates or {}))
 
@@ -857,10 +864,14 @@ class StoreCoordinator:
                 return
 
     def close(
-        self, failures: Sequence[WorkerFailure] = (), step_rates: Mapping[int, float] | None = None
+        self,
+        failures: Sequence[WorkerFailure] = (),
+        step_rates: Mapping[int, float] | None = None,
+        leave_within_s: float | None = None,
     ) -> Departure:
         """Leave the attempt: the master waits (bounded) until the others have read the
         outcome; its store stays up for the next attempt until ``Rendezvous.close``."""
+        bound_s = self._settings.leave_timeout_s if leave_within_s is None else leave_within_s
         self._closing.set()
         from smdist.agent.report.failure import WorkerFailure
 
@@ -879,13 +890,13 @@ class StoreCoordinator:
                 event = self.event()
                 lost = event.host if event is not None and event.kind == "lost" else None
                 keys = [f"left/{h}" for h in self.layout.hosts if h not in (self.host, lost)]
-                if keys and not self._ctl.wait(keys, self._settings.leave_timeout_s):
+                if keys and not self._ctl.wait(keys, bound_s):
                     gone = self._ctl.prefix("left/")
                     late = [k.removeprefix("left/") for k in keys if k not in gone]
                     log.info(
                         "closing the rendezvous store; %s had not left after %.0f s",
                         ", ".join(late),
-                        self._settings.leave_timeout_s,
+                        bound_s,
                     )
                 for key, text in self._ctl.prefix("departure/").items():
                     data = json.loads(text)

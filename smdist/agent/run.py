@@ -403,10 +403,27 @@ class _Job:
         finally:
             stages.enter("the report", interruptible=False)
             departure = coordinator.close(
-                outcome.failures if outcome else (), outcome.step_rates if outcome else None
+                outcome.failures if outcome else (),
+                outcome.step_rates if outcome else None,
+                _leave_within_s(outcome, self.opts),
             )
         _log_step_rates(departure.step_rates)
         return outcome, departure, memory_at_start
+
+
+LEAVE_MARGIN_S = 5.0
+"""Beyond the grace that applies: the other hosts' agents report once their ranks are gone."""
+
+
+def _leave_within_s(outcome: Outcome | None, opts: AgentOptions) -> float:
+    """How long the master waits for the other hosts' reports when the job ended early:
+    until their ranks may have stopped (the event's time plus the grace that applies),
+    never less than the margin. A successful job's hosts left together at the barrier."""
+    if outcome is None or outcome.event is None:
+        return LEAVE_MARGIN_S
+    grace_s = opts.grace_s if outcome.stopped else opts.abort_grace_s
+    since_s = max(0.0, time.time() - outcome.event.time) if outcome.event.time else 0.0
+    return max(LEAVE_MARGIN_S, grace_s + LEAVE_MARGIN_S - since_s)
 
 
 def _log_step_rates(rates: Mapping[int, float]) -> None:
