@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.helpers import make_tree, run, start, start_hosts, wait_for, write_script
 
 RESUMING = """
@@ -158,7 +160,10 @@ open(os.path.join({out!r}, "second-attempt-started"), "w").close()
 def test_sigterm_during_the_pause_between_attempts_stops_cleanly(tmp_path: Path) -> None:
     script = write_script(tmp_path / "job.py", FAILS_ONCE.format(out=str(tmp_path)))
     opt_ml = make_tree(tmp_path / "opt_ml")
-    agent = start(["--opt-ml", str(opt_ml), "--max-restarts", "5", str(script)])
+    # A pause long enough to be inside it when the signal lands, however loaded the machine.
+    agent = start(
+        ["--opt-ml", str(opt_ml), "--max-restarts", "5", "--restart-pause", "60", str(script)]
+    )
     assert agent.stderr is not None
     # The pause is announced before it starts: stop the agent inside it.
     for line in agent.stderr:
@@ -166,7 +171,7 @@ def test_sigterm_during_the_pause_between_attempts_stops_cleanly(tmp_path: Path)
             break
     sent = time.monotonic()
     os.kill(agent.pid, signal.SIGTERM)
-    rest = agent.communicate(timeout=30)[1]
+    rest = agent.communicate(timeout=30)[1]  # well before the 60 s pause would end
     print(f"SIGTERM in the pause -> agent gone: {time.monotonic() - sent:.2f} s")
     # A stop before an attempt's workers ran, as at any stage before the workers: the exit
     # code of the signal, the stage named in the log and the failure file.
@@ -192,3 +197,53 @@ def test_a_lost_host_is_not_restarted(tmp_path: Path) -> None:
     first = (tmp_path / "algo-1" / "output" / "failure").read_text().splitlines()[0]
     assert first.startswith("HostLost: host algo-2"), first
     agents["algo-2"].communicate(timeout=10)
+
+
+def test_the_pause_between_attempts_is_short_then_doubles_to_a_bound() -> None:
+    from smdist.agent.restart import backoff_s
+
+    assert [backoff_s(k) for k in (1, 2, 3)] == [0.1, 0.2, 0.4]
+    assert backoff_s(10) == 30.0 and backoff_s(10_000) == 30.0  # bounded, never overflowing
+    assert [backoff_s(k, 2.0) for k in (1, 2, 5, 6)] == [2.0, 4.0, 30.0, 30.0]
+    assert backoff_s(3, 60.0) == 60.0  # a longer pause asked for is kept, never doubled
+
+
+# Rank 1 (algo-2) fails on the first attempt; rank 0 waits to be stopped. The second attempt
+# would succeed, but a host dies in the (long) pause before it.
+FAILS_FIRST_ON_ALGO_2 = """
+import os, sys, threading
+if os.environ["SMDIST_RESTART_COUNT"] == "0":
+    if os.environ["RANK"] == "1":
+        sys.exit(3)
+    threading.Event().wait()
+"""
+
+
+def _both_in_the_pause(tmp_path: Path) -> dict[str, Any]:
+    script = write_script(tmp_path / "job.py", FAILS_FIRST_ON_ALGO_2)
+    agents = start_hosts(
+        tmp_path, ["algo-1", "algo-2"], script, "--max-restarts", "1", "--restart-pause", "120"
+    )
+    for a in agents.values():
+        assert a.stderr is not None
+        for line in a.stderr:  # the pause is announced as it starts
+            if "restart 1 of 1 on every host in" in line:
+                break
+        else:
+            raise AssertionError(a.communicate(timeout=30)[1])
+    return agents
+
+
+@pytest.mark.parametrize(("killed", "survivor"), [("algo-2", "algo-1"), ("algo-1", "algo-2")])
+def test_a_host_killed_in_the_pause_ends_the_job_as_host_lost_at_once(
+    tmp_path: Path, killed: str, survivor: str
+) -> None:
+    """The heartbeats go on between attempts: a host SIGKILLed in a 120 s pause ends the
+    job as HostLost long before the pause (or a rendezvous timeout) would."""
+    agents = _both_in_the_pause(tmp_path)
+    agents[killed].kill()
+    agents[killed].communicate(timeout=10)
+    err = agents[survivor].communicate(timeout=60)[1]  # well inside the 120 s pause
+    assert agents[survivor].returncode == 1, err
+    first = (tmp_path / survivor / "output" / "failure").read_text().splitlines()[0]
+    assert first.startswith(f"HostLost: host {killed} stopped responding"), first

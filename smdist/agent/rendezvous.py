@@ -432,6 +432,58 @@ def attempt_prefix(attempt: int) -> str:
     return f"attempt/{attempt}/"
 
 
+BEAT = "job/beat"
+"""A key nobody sets: the heartbeat's waits on it are only heartbeats."""
+
+
+class Heartbeat:
+    """This host's heartbeat to the master's store for the whole job, across attempts.
+
+    An identified connection (``hello``): the store declares the host lost when it closes
+    without the host having left, or when its next wait is late by the heartbeat timeout.
+    It starts at the first meeting and ends with the job, so a host that dies in the pause
+    between attempts, or at the next meeting, is found as fast as one that dies while its
+    workers train. Between attempts it also watches one key (the next meeting's abort) and
+    notices the master's store going; either sets ``changed``.
+    """
+
+    def __init__(self, client: StoreClient, interval_s: float) -> None:
+        self.client = client
+        self.interval_s = interval_s
+        self.changed = threading.Event()
+        self.lost: str | None = None
+        """Why the master's store is gone (the master's host is lost), once it is."""
+        self._watch: str | None = None
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="smdist-heartbeat", daemon=True)
+        self._thread.start()
+
+    def watch(self, key: str | None) -> None:
+        """Wake ``changed`` when ``key`` appears (None: watch nothing, only beat)."""
+        self._watch = key
+        if self.lost is None:
+            self.changed.clear()
+
+    def _loop(self) -> None:
+        while not self._closing.is_set():
+            key = self._watch or BEAT
+            try:
+                got = self.client.wait_values([key], self.interval_s)
+            except RendezvousFailed as exc:  # StoreUnavailable among them
+                if not self._closing.is_set():
+                    self.lost = str(exc)
+                    self.changed.set()
+                return
+            if got is not None and key == self._watch:
+                self._watch = None
+                self.changed.set()
+
+    def close(self) -> None:
+        self._closing.set()
+        self.client.close()  # wakes the thread's wait
+        self._thread.join(timeout=5.0)
+
+
 class Rendezvous:
     """The job's meeting point, for every attempt of it.
 
@@ -471,6 +523,8 @@ class Rendezvous:
         self.token = token
         self.secret = secret
         self.attempt = 0
+        self.beat: Heartbeat | None = None
+        """This host's heartbeat for the whole job (several hosts; from the first meeting)."""
         self.server: StoreServer | None = None
         if len(self.hosts) > 1:
             _import_store()  # only with other hosts to meet (a one-host job never pays)
@@ -491,8 +545,38 @@ class Rendezvous:
 
     def close(self) -> None:
         """The job is over on this host (the master's store goes with it)."""
+        if self.beat is not None:
+            self.beat.close()
         if self.server is not None:
             self.server.close()
+
+    def pause(self, attempt: int, seconds: float) -> None:
+        """The pause before ``attempt``'s meeting, the heartbeat going on. Ends early when
+        the job ends meanwhile: ``attempt``'s abort appeared (a host lost or stopped; the
+        meeting that follows reads it and leaves as for any abort, so the master's store
+        stays up until the others have read it), or the master's store is gone
+        (``JobAborted``, ``HostLost``)."""
+        beat = self.beat
+        if beat is None:
+            time.sleep(seconds)
+            return
+        beat.watch(attempt_prefix(attempt) + ABORT)
+        try:
+            if beat.changed.wait(seconds):
+                self._raise_if_master_gone(None)
+        finally:
+            beat.watch(None)
+
+    def _raise_if_master_gone(self, cause: BaseException | None) -> None:
+        """Between attempts: the master's store went (its heartbeat connection broke, or
+        ``cause`` says it cannot be reached): its host is lost."""
+        beat = self.beat
+        if beat is None or self.server is not None:
+            return
+        why = beat.lost or (str(cause) if cause is not None else None)
+        if why is not None:
+            event = JobEvent.lost(self.master, why)
+            raise JobAborted(event.headline, event.exit_code) from cause
 
     def meet(self, nproc: int, attempt: int = 0) -> tuple[JobPlan, Coordinator]:
         """Meet the other hosts' agents for ``attempt``; return its plan and coordinator."""
@@ -506,21 +590,39 @@ class Rendezvous:
         where = f"{self.master} ({master_addr}:{s.port})"
         connect_to = self._connect_to()
         scope = attempt_prefix(attempt)
+        # A restart meets at a store that has been up all along: one that does not answer
+        # within the heartbeat timeout is gone with its host.
+        connect_s = s.timeout_s if self.beat is None else s.heartbeat_timeout_s
         ctl: Scoped | None = None
         try:
+            self._raise_if_master_gone(None)
             ctl = Scoped(
                 StoreClient(
-                    connect_to, s.port, s.timeout_s, self.master, secret=self.secret,
+                    connect_to, s.port, connect_s, self.master, secret=self.secret,
                     reply_timeout_s=max(s.heartbeat_timeout_s, 30.0),
                 ),
                 scope,
             )  # fmt: skip
             nprocs = self._agree(ctl, nproc, attempt, where)
-            # Identified: if this agent dies, the master's store sees the connection drop.
             watch = StoreClient(
-                connect_to, s.port, s.timeout_s, self.master, identity=self.host,
-                secret=self.secret, reply_timeout_s=s.heartbeat_timeout_s,
+                connect_to, s.port, connect_s, self.master, secret=self.secret,
+                reply_timeout_s=s.heartbeat_timeout_s,
             )  # fmt: skip
+            if self.beat is None:
+                # Identified: if this agent dies, the master's store sees the connection
+                # drop; its waits are this host's heartbeats, for the rest of the job.
+                beat = StoreClient(
+                    connect_to, s.port, connect_s, self.master, identity=self.host,
+                    secret=self.secret, reply_timeout_s=s.heartbeat_timeout_s,
+                )  # fmt: skip
+                self.beat = Heartbeat(beat, s.heartbeat_interval_s)
+        except RendezvousFailed as exc:
+            if ctl is not None:
+                ctl.close()
+            if ctl is None or isinstance(exc, StoreUnavailable):
+                # At a restart's meeting, the master's store (up all along) is gone.
+                self._raise_if_master_gone(exc)
+            raise
         except StopRequested as stop:
             if ctl is not None or self.server is not None:  # the store is up: tell the others
                 if ctl is not None:
@@ -610,14 +712,18 @@ class Rendezvous:
         """The master's store saw ``host``'s agent drop its connection without leaving (the
         container was killed or the agent died) or miss its heartbeats (frozen, cut off).
         Declared at once, as the attempt's abort (unless it already has one or is done), so
-        it wins over its victims' collective errors."""
-        scope = attempt_prefix(self.attempt)
-        if server.local_get(scope + "plan") is None:
-            return
-        if server.local_get(f"{scope}left/{host}") is not None:
-            return
+        it wins over its victims' collective errors. Between attempts (it left the last one;
+        the next one's meeting may be under way) it is the next attempt's abort: the hosts
+        at that meeting, or pausing before it, end the job at once."""
+        k = self.attempt
+        scope = attempt_prefix(k)
         if server.local_get(scope + ALL_DONE) is not None:
-            return
+            return  # the job finished: its hosts are leaving
+        if server.local_get(scope + "plan") is None:
+            if k == 0:
+                return  # nobody beats before the first plan
+        elif server.local_get(f"{scope}left/{host}") is not None:
+            scope = attempt_prefix(k + 1)  # it left attempt k: the pause before k + 1
         event = JobEvent.lost(host, why)
         server.local_compare_set(scope + ABORT, None, event.to_json())
 
@@ -821,8 +927,9 @@ class StoreCoordinator:
                     keys.append(FINISHED_ALL)
                 if self._master and not verdict_given:
                     keys.append(INVENTORIED_ALL)
-                # Each wait is also this host's heartbeat: the master's store declares a
-                # host lost whose next one is late, so no agent reads every other's.
+                # (This host's heartbeat is ``Heartbeat``'s, on its own connection for the
+                # whole job: the master's store declares a host lost whose next one is late,
+                # so no agent reads every other's.)
                 if not self.stacks_requested():
                     keys.append(STACKS)
                 # The reply carries the keys' values: an abort reaches a watcher in one trip.

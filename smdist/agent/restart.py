@@ -16,7 +16,10 @@ from smdist.agent.report.classify import classify
 from smdist.agent.report.failure import WorkerFailure
 from smdist.contract import MAX_RESTARTS_ENV, RESTART_COUNT_ENV, Category
 
-BACKOFF_FIRST_S = 1.0
+BACKOFF_FIRST_S = 0.1
+"""The default first pause (``--restart-pause``): long enough for the ranks of the attempt
+that failed to be gone (they are: every host waits for its workers to exit before it leaves
+the attempt), short enough not to count beside a cold start."""
 BACKOFF_MAX_S = 30.0
 RETRYABLE = frozenset(
     {
@@ -32,9 +35,10 @@ broken by one of those. Everything else (a config error, a missing entry point o
 model-dir clash, a lost host, a full disk) would fail the same way again."""
 
 
-def backoff_s(restart: int) -> float:
-    """The pause before restart ``restart`` (1, 2, ...): 1 s, doubling, at most 30 s."""
-    return float(min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (restart - 1)))
+def backoff_s(restart: int, first_s: float = BACKOFF_FIRST_S) -> float:
+    """The pause before restart ``restart`` (1, 2, ...): ``first_s``, doubling, at most
+    30 s (or ``first_s`` itself when it is longer: a pause asked for is never cut)."""
+    return float(min(max(BACKOFF_MAX_S, first_s), first_s * 2 ** min(restart - 1, 64)))
 
 
 def worker_env(restart_count: int, max_restarts: int) -> dict[str, str]:

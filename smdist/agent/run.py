@@ -74,6 +74,8 @@ class AgentOptions:
     """Job-wide restarts after a failure a new attempt may fix (restart.py)."""
     hang_timeout_s: float | None = None
     """A rank without progress this long is a hang (hang.py); None: off."""
+    restart_pause_s: float | None = None
+    """The pause before the first restart (doubling, at most 30 s); None: the default."""
 
 
 def run(opts: AgentOptions) -> int:
@@ -343,9 +345,10 @@ class _Job:
     def _pause(self, k: int) -> None:
         """Before restart ``k``: a stop ends the pause, and the job, at once (the hosts at
         the next meeting are told)."""
-        pause = restart.backoff_s(k)
+        first = self.opts.restart_pause_s or restart.BACKOFF_FIRST_S
+        pause = restart.backoff_s(k, first)
         log.info(
-            "attempt %d failed (%s): restart %d of %d on every host in %.0f s",
+            "attempt %d failed (%s): restart %d of %d on every host in %.3g s",
             k, self.attempts[-1].headline, k, self.budget, pause,
         )  # fmt: skip
         self.model.remove_unfinished_writes()
@@ -354,7 +357,7 @@ class _Job:
         try:
             if pending := stages.take_pending():  # a stop while the last attempt reported
                 raise stages.StopRequested(pending[0], stage)
-            time.sleep(pause)
+            self.meeting.pause(k, pause)  # the heartbeats go on: a lost host ends it
         except stages.StopRequested as stop:
             self.meeting.announce_stop(stop, k)
             raise

@@ -187,6 +187,13 @@ TABLE: tuple[Setting, ...] = (
         "N",
     ),
     Setting(
+        "--restart-pause",
+        seconds,
+        0.1,
+        "the pause before the first restart; it doubles with each restart, to at most 30 s",
+        "S",
+    ),
+    Setting(
         "--hang-timeout",
         seconds,
         None,

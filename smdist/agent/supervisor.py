@@ -145,18 +145,25 @@ def _relay(
     src.close()
 
 
+DUMP_QUIET_S = 0.05
+"""A dump has arrived once its header is in and the output has then been quiet this long
+(faulthandler writes it in one go, from its signal handler)."""
+
+
 def _await_dumps(workers: Sequence[Worker], timeout_s: float) -> None:
-    """Until every worker's stack dump has arrived (its output quiet after a header)."""
+    """Until every worker's stack dump has arrived (its output quiet after a header), or
+    ``timeout_s``: a look every 10 ms, so a dump costs its own time, not a fixed wait."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        quiet = time.monotonic() - 0.1
+        quiet = time.monotonic() - DUMP_QUIET_S
         if all(
             any("(most recent call first)" in line for line in w.activity.capture or ())
             and w.activity.last_output < quiet
             for w in workers
+            if w.returncode is None
         ):
             return
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 def _signal_worker(w: Worker, sig: int) -> None:
@@ -287,13 +294,21 @@ class Supervisor:
     def _live(self) -> list[Worker]:
         return [w for w in self.workers if w.returncode is None]
 
-    def _dump_stacks(self, workers: Sequence[Worker]) -> None:
+    def _dump_stacks(self, workers: Sequence[Worker], wait_s: float = STACK_DUMP_WAIT_S) -> None:
+        """SIGUSR1 to each live Python worker, then wait until every dump has arrived in its
+        output (at most ``wait_s``): faulthandler writes from its signal handler, and the
+        SIGTERM that usually follows would cut it off."""
         targets = [w for w in workers if w.spec.python and w.returncode is None]
+        mine = [w for w in targets if w.activity.capture is None]  # a hang check keeps its own
+        for w in mine:
+            w.activity.capture = []
         for w in targets:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(w.proc.pid, STACK_DUMP_SIGNAL)
         if targets:
-            time.sleep(STACK_DUMP_WAIT_S)  # faulthandler writes from its signal handler
+            _await_dumps(targets, wait_s)
+        for w in mine:
+            w.activity.capture = None
 
     def _terminate(self, *, dump: bool) -> None:
         live = self._live()
