@@ -59,6 +59,9 @@ CONTROL_FILE_ENV = "SMDIST_CONTROL_FILE"
 """Where the agent says why it is about to signal the rank (``RunDir.control_file``)."""
 CHECKPOINT_DIR_ENV = "SMDIST_CHECKPOINT_DIR"
 STEPS_FILE_ENV = "SMDIST_STEPS_FILE"
+STACKS_FILE_ENV = "SMDIST_STACKS_FILE"
+"""An MPI rank's: where SIGUSR1 dumps its stacks (``RunDir.stacks_file``), for its own host's
+agent to read and log; mpirun would carry its stderr to the master's host only."""
 """The rank's step counter, mapped into its memory (``RunDir.steps_file``, ``smdist.steps``)."""
 RESTART_COUNT_ENV = "SMDIST_RESTART_COUNT"
 """Which restart of the job this attempt is (0: the first; torchrun: TORCHELASTIC_RESTART_COUNT)."""
@@ -160,6 +163,14 @@ class RunDir:
 
     def steps_file(self, rank: int | str) -> Path:
         return self.path / f"rank-{rank}.steps"
+
+    def stacks_file(self, rank: int | str) -> Path:
+        """An MPI rank's stack dumps (``STACKS_FILE_ENV``)."""
+        return self.path / f"rank-{rank}.stacks"
+
+    def pid_file(self, rank: int | str) -> Path:
+        """An MPI rank's pid, written by ``smdist.worker.mpi_rank`` (mpirun started it)."""
+        return self.path / f"rank-{rank}.pid"
 
     @property
     def host_file(self) -> Path:

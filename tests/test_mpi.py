@@ -568,3 +568,123 @@ def test_mpi_backend_starts_the_layout_the_hosts_agreed(tmp_path: Path) -> None:
     launch = Launch(resolve([str(script)], None), dict(os.environ), {}, tmp_path)
     (spec,) = backend.worker_specs(launch, plan, LocalCoordinator())
     assert "-np 2 -H localhost:2" in " ".join(spec.argv)
+
+
+# --- restarts and hangs under MPI ---------------------------------------------------------
+
+MPI4PY_FAILS_ONCE = """
+import json, os
+from mpi4py import MPI
+comm = MPI.COMM_WORLD
+comm.Barrier()
+count = os.environ["SMDIST_RESTART_COUNT"]
+if count == "0" and comm.Get_rank() == 1:
+    raise RuntimeError("rank 1 fails on the first attempt only")
+comm.Barrier()
+keys = ["SMDIST_RESTART_COUNT", "SMDIST_MAX_RESTARTS", "TORCHELASTIC_RESTART_COUNT",
+        "TORCHELASTIC_MAX_RESTARTS", "SM_CURRENT_HOST"]
+out = os.path.join(os.environ["SM_OUTPUT_DATA_DIR"], f"rank-{comm.Get_rank()}.json")
+with open(out, "w") as f:
+    json.dump({k: os.environ.get(k) for k in keys}, f)
+"""
+
+
+def _check_restarted_once(reports: dict[int, dict], ranks: int) -> None:
+    assert sorted(reports) == list(range(ranks))
+    for rep in reports.values():
+        assert rep["SMDIST_RESTART_COUNT"] == rep["TORCHELASTIC_RESTART_COUNT"] == "1", rep
+        assert rep["SMDIST_MAX_RESTARTS"] == rep["TORCHELASTIC_MAX_RESTARTS"] == "1", rep
+
+
+def test_a_rank_failing_once_under_mpi_is_restarted_and_the_job_succeeds(tmp_path: Path) -> None:
+    script = write_script(tmp_path / "once.py", MPI4PY_FAILS_ONCE)
+    opt_ml = make_tree(tmp_path / "opt_ml")
+    r = run(
+        ["--opt-ml", str(opt_ml), "--backend", "mpi", "--nproc-per-host", "2",
+         "--max-restarts", "1", str(script)],
+        timeout=90,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "attempt 1 failed (UserScriptError: RuntimeError: rank 1 fails on the first" in (
+        r.stderr
+    )
+    assert "restart 1 of 1 on every host" in r.stderr
+    _check_restarted_once(_reports(opt_ml), 2)
+    assert not (opt_ml / "output" / "failure").exists()
+
+
+def test_simulated_two_hosts_under_mpi_restart_every_rank(tmp_path: Path) -> None:
+    # mpirun on the master restarts every host's ranks; the other host meets it again.
+    script = write_script(tmp_path / "once.py", MPI4PY_FAILS_ONCE)
+    work = tmp_path / "work"
+    r = run(
+        ["--simulate", "2x2", "--backend", "mpi", "--work-dir", str(work), "--max-restarts", "1",
+         str(script)],
+        timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    reports = {**_reports(work / "algo-1"), **_reports(work / "algo-2")}
+    _check_restarted_once(reports, 4)
+    for rank, rep in reports.items():
+        assert rep["SM_CURRENT_HOST"] == ("algo-1" if rank < 2 else "algo-2")
+
+
+MPI4PY_HANGS = """
+import os, time
+from mpi4py import MPI
+import smdist
+
+comm = MPI.COMM_WORLD
+STUCK = int(os.environ["STUCK_RANK"])
+
+def next_batch(step):
+    if step == 3 and comm.Get_rank() == STUCK and os.environ["SMDIST_RESTART_COUNT"] == "0":
+        time.sleep(3600)  # a deadlocked data loader
+
+for step in range(6):
+    next_batch(step)
+    smdist.progress()  # no decorator: the script counts its steps itself
+    comm.allreduce(step)  # the others wait here for the stuck rank
+open(os.path.join(os.environ["SM_OUTPUT_DATA_DIR"], f"rank-{comm.Get_rank()}.json"), "w").write(
+    '{"done": true}'
+)
+"""
+
+
+def test_a_hang_under_mpi_names_the_stuck_rank_with_its_stack(tmp_path: Path) -> None:
+    script = write_script(tmp_path / "hangs.py", MPI4PY_HANGS)
+    opt_ml = make_tree(tmp_path / "opt_ml")
+    r = run(
+        ["--opt-ml", str(opt_ml), "--backend", "mpi", "--nproc-per-host", "2",
+         "--hang-timeout", "4", str(script)],
+        timeout=120,
+        STUCK_RANK="1",
+    )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    first = (opt_ml / "output" / "failure").read_text().splitlines()[0]
+    assert first.startswith("Hang: rank 1 on algo-1 made no progress for"), first
+    assert "stuck at hangs.py:11 in next_batch" in first, first
+    # Its stack went to the log from the file the rank dumped it into, named by host/rank.
+    assert any(
+        ln.startswith("[algo-1/1] ") and "in next_batch" in ln for ln in r.stderr.splitlines()
+    ), r.stderr
+
+
+def test_simulated_two_hosts_under_mpi_a_hang_on_the_other_host_is_restarted(
+    tmp_path: Path,
+) -> None:
+    # Rank 3 runs on algo-2, whose agent starts no worker (mpirun on algo-1 starts them all):
+    # algo-2's agent still reads its ranks' steps, finds the hang and names the rank.
+    script = write_script(tmp_path / "hangs.py", MPI4PY_HANGS)
+    work = tmp_path / "work"
+    r = run(
+        ["--simulate", "2x2", "--backend", "mpi", "--work-dir", str(work), "--hang-timeout", "4",
+         "--max-restarts", "1", str(script)],
+        timeout=180,
+        STUCK_RANK="3",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "attempt 1 failed (Hang: rank 3 on algo-2 made no progress for" in r.stderr
+    assert "stuck at hangs.py:11 in next_batch" in r.stderr
+    reports = {**_reports(work / "algo-1"), **_reports(work / "algo-2")}
+    assert sorted(reports) == [0, 1, 2, 3]

@@ -396,6 +396,7 @@ class _Job:
             abort_grace_s=self.opts.abort_grace_s,
             identify=self.backend.identify,
             hang_timeout_s=self.opts.hang_timeout_s,
+            watched=launch.watch,
         )
         outcome: Outcome | None = None
         # The supervisor owns the signals while the workers run (it takes over a stop that

@@ -166,6 +166,54 @@ def _await_dumps(workers: Sequence[Worker], timeout_s: float) -> None:
         time.sleep(0.01)
 
 
+def _dump_watched(host: str, ranks: Sequence[hang.RankSteps]) -> dict[int, list[str]]:
+    """SIGUSR1 to each rank mpirun started on this host (its pid file; only a process that is
+    still smdist's MPI rank), its dump read back from its stacks file once it stopped growing
+    (at most STACK_READ_S), and written into the job log as ``[host/rank]`` lines."""
+    sent: dict[int, tuple[Path, int]] = {}
+    for rs in ranks:
+        run_dir = contract.RunDir(rs.counter.path.parent)
+        stacks = run_dir.stacks_file(rs.rank)
+        try:
+            pid = int(run_dir.pid_file(rs.rank).read_text(encoding="utf-8"))
+            if b"smdist.worker.mpi_rank" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue  # gone, and its pid taken by another process
+            size = stacks.stat().st_size if stacks.exists() else 0
+            os.kill(pid, STACK_DUMP_SIGNAL)
+        except (OSError, ValueError):
+            continue
+        sent[rs.rank] = (stacks, size)
+    sizes = {r: -1 for r in sent}
+    deadline = time.monotonic() + STACK_READ_S
+    while sent and time.monotonic() < deadline:
+        time.sleep(DUMP_QUIET_S)
+        grown = {r: _size(p) for r, (p, _) in sent.items()}
+        if all(grown[r] > sent[r][1] and grown[r] == sizes[r] for r in sent):
+            break  # every dump in, and none grew for DUMP_QUIET_S
+        sizes = grown
+    dumps: dict[int, list[str]] = {}
+    for rank, (path, start) in sent.items():
+        try:
+            with path.open("rb") as f:
+                f.seek(start)
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        dumps[rank] = text.splitlines()
+        prefix = f"[{host}/{rank}] "
+        with _output_lock, contextlib.suppress(OSError, ValueError):
+            sys.stderr.write("".join(prefix + line + "\n" for line in dumps[rank]))
+            sys.stderr.flush()
+    return dumps
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def _signal_worker(w: Worker, sig: int) -> None:
     if w.returncode is not None and sig != signal.SIGKILL:
         return
@@ -201,9 +249,13 @@ class Supervisor:
         abort_grace_s: float,
         identify: Callable[[WorkerFailure], WorkerFailure] = lambda failure: failure,
         hang_timeout_s: float | None = None,
+        watched: Sequence[hang.RankSteps] = (),
     ) -> None:
         """``identify``: the backend's say on who failed (a launcher names its rank).
-        ``hang_timeout_s``: a rank without progress for this long is a hang (None: off)."""
+        ``hang_timeout_s``: a rank without progress for this long is a hang (None: off).
+        ``watched``: the step counters of this host's ranks that mpirun starts (not these
+        workers): judged by their steps alone (their output goes to the master's mpirun),
+        once they counted one; their stacks come from their stacks files."""
         self.host = host
         self.specs = list(specs)
         self.coordinator = coordinator
@@ -222,6 +274,7 @@ class Supervisor:
         self.deferred_until: float | None = None
         self._seen: set[int] = set()
         self.hang_timeout_s = hang_timeout_s
+        self.watched = list(watched)
         self.tick_at: float | None = None
         """When to sample the step counters next (None: no worker counts steps)."""
         self.stacks_sent = False
@@ -284,6 +337,8 @@ class Supervisor:
             self.workers.append(w)
         for w in self.workers:
             threading.Thread(target=self._wait_worker, args=(w,), daemon=True).start()
+        if self.watched:
+            self.tick_at = time.monotonic() + self._tick_s()
 
     def _control(self, action: str, event: JobEvent) -> None:
         """Tell the workers (the decorator) why they are being signalled."""
@@ -362,7 +417,7 @@ class Supervisor:
         timers = (
             self.deadline,
             self.deferred_until if self.deferred else None,
-            self.tick_at if self.state is State.RUNNING else None,
+            self.tick_at if self._watching() else None,
             self.verdict_at,
         )
         wake_at = min((t for t in timers if t), default=None)
@@ -389,7 +444,7 @@ class Supervisor:
             remote = self.coordinator.event()
             if remote is not None:
                 self._on_job_event(remote)
-        if self.state is State.RUNNING:
+        if self._watching():
             self._hang_events()
         if not self._live() and not (self.deferred and self.state is State.RUNNING):
             return self._on_workers_gone()
@@ -510,6 +565,12 @@ class Supervisor:
             self.deadline = None
 
     # -- hangs ---------------------------------------------------------------------
+    def _watching(self) -> bool:
+        """Whether the ranks' progress is watched now: while this host's workers run, and,
+        for ranks mpirun started, while this host waits at the barrier (the master's mpirun
+        runs them; this host has no worker of its own)."""
+        return self.state is State.RUNNING or (self.state is State.BARRIER and bool(self.watched))
+
     def _tick_s(self) -> float:
         return min(hang.TICK_S, self.hang_timeout_s / 4) if self.hang_timeout_s else hang.TICK_S
 
@@ -533,6 +594,10 @@ class Supervisor:
                 timeout_s = self.hang_timeout_s
                 if timeout_s and w.steps.hung(now, w.activity.last_output, timeout_s):
                     idle.append(w.spec.rank)
+        for rs in self.watched:
+            rs.sample(now)
+            if self.hang_timeout_s and rs.steps and rs.hung(now, 0.0, self.hang_timeout_s):
+                idle.append(rs.rank)
         if idle and not self.stacks_sent:
             log.info(
                 "rank(s) %s made no progress for %.0f s (--hang-timeout): reading every "
@@ -564,6 +629,13 @@ class Supervisor:
             dump, w.activity.capture = w.activity.capture or [], None
             seconds, judged_by = idle[w.spec.rank]
             reports.append(hang.rank_report(self.host, w.steps, seconds, judged_by, dump))
+        dumps = _dump_watched(self.host, self.watched)
+        for rs in self.watched:
+            rs.sample(now)
+            # Without a step counted, its progress is unknown here (its output is mpirun's).
+            seconds, judged_by = rs.idle_s(now, 0.0) if rs.steps else (0.0, "steps")
+            dump = dumps.get(rs.rank, [])
+            reports.append(hang.rank_report(self.host, rs, seconds, judged_by, dump))
         self.coordinator.put_stacks(reports)
 
     def _on_stack_reports(self) -> None:
@@ -599,11 +671,11 @@ class Supervisor:
 
     def step_rates(self) -> dict[int, float]:
         rates = {}
-        for w in self.workers:
-            if w.steps is not None:
-                w.steps.sample(time.monotonic())
-                if (rate := w.steps.rate()) is not None:
-                    rates[w.spec.rank] = rate
+        counters = [w.steps for w in self.workers if w.steps is not None] + self.watched
+        for rs in counters:
+            rs.sample(time.monotonic())
+            if (rate := rs.rate()) is not None:
+                rates[rs.rank] = rate
         return rates
 
     # -- transitions -------------------------------------------------------------

@@ -30,7 +30,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import TracebackType
-    from typing import Any
+    from typing import IO, Any
 
 ERROR_FILE_ENV = contract.ERROR_FILE_ENV
 STACK_DUMP_SIGNAL = contract.STACK_DUMP_SIGNAL
@@ -256,13 +256,29 @@ def _run_script(script: str) -> None:
             sys.modules["__main__"] = saved
 
 
+_stacks: IO[str] | None = None
+
+
+def _stacks_file() -> IO[str]:
+    """Where SIGUSR1 dumps the stacks: stderr, or (an MPI rank) the file its own host's agent
+    reads. Kept open for the process's life: faulthandler writes to its descriptor."""
+    global _stacks
+    path = os.environ.get(contract.STACKS_FILE_ENV)
+    if path and _stacks is None:
+        try:
+            _stacks = open(path, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError:
+            _stacks = None
+    return _stacks or sys.stderr
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or (args[0] == "-m" and len(args) < 2):
         sys.stderr.write("usage: python -m smdist.worker.bootstrap SCRIPT|-m MODULE [ARGS...]\n")
         raise SystemExit(2)
     faulthandler.enable()
-    faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True, chain=False)
+    faulthandler.register(STACK_DUMP_SIGNAL, file=_stacks_file(), all_threads=True, chain=False)
     if not os.environ.get("PYTHONUNBUFFERED"):
         # The agent relays output live (CloudWatch reads it as it comes): flush every line
         # instead of every 8 KiB, which on a pipe is what Python would do.

@@ -8,6 +8,7 @@ so the rank sees what a torch-backend worker on the same host would see.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -153,6 +154,20 @@ def _run_python(args: list[str]) -> None:
         raise SystemExit(1) from None
 
 
+def _progress_files(env: dict[str, str], host_dir: contract.RunDir) -> None:
+    """What this host's agent watches for ``--hang-timeout`` and step rates: the step counter
+    it made for this rank, where SIGUSR1 dumps the stacks, and this process's pid (the
+    bootstrap runs in it, so SIGUSR1 reaches faulthandler)."""
+    rank = env["RANK"]
+    steps = host_dir.steps_file(rank)
+    if not steps.is_file():
+        return  # an agent that does not watch its ranks
+    env[contract.STEPS_FILE_ENV] = str(steps)
+    env[contract.STACKS_FILE_ENV] = str(host_dir.stacks_file(rank))
+    with contextlib.suppress(OSError):
+        host_dir.pid_file(rank).write_text(str(os.getpid()), encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
@@ -184,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     env = rank_environment(os.environ, host, str(path.parent))
     env.update(local)
     if args[:3] == [sys.executable, "-m", "smdist.worker.bootstrap"]:
+        _progress_files(env, contract.RunDir(path.parent))
         os.environ.clear()
         os.environ.update(env)
         _run_python(args[3:])

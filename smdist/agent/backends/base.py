@@ -8,7 +8,7 @@ picks one from its table.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -17,6 +17,7 @@ from smdist.agent.rendezvous import Coordinator, JobPlan
 from smdist.agent.supervisor import WorkerSpec
 
 if TYPE_CHECKING:
+    from smdist.agent.hang import RankSteps
     from smdist.agent.report.failure import WorkerFailure
 
 
@@ -34,6 +35,9 @@ class Launch:
     restart_count: int = 0
     """Which restart of the job this attempt is (0: the first attempt)."""
     max_restarts: int = 0
+    watch: list[RankSteps] = field(default_factory=list)
+    """Step counters of ranks on this host that another process starts (mpirun): the
+    backend adds them, the supervisor reads them (hang detection, step rates)."""
 
 
 class Backend(Protocol):

@@ -376,6 +376,11 @@ def _worker_specs(
         base_env, sm_env, plan, config, nprocs[host], launch.restart_count, launch.max_restarts
     )
     write_host_file(run_dir, host, slot.node_rank, env)
+    if host in world:  # the step counters of the ranks mpirun will start on this host
+        from smdist.agent import hang
+
+        first = sum(nprocs[h] for h in world[: world.index(host)])
+        launch.watch.extend(hang.open_counter(run_dir, first + i, i) for i in range(nprocs[host]))
     link = job_dir(plan)
     _link_host_dir(link, host, run_dir)
     port = ssh_port(base_env)
