@@ -23,8 +23,8 @@ from smdist.steps import StepCounter
 
 TICK_S = 1.0
 STARTUP_S = 120.0
-"""A rank that has neither counted a step nor written a line yet is still starting (importing
-torch, meeting its peers): it is judged against the larger of this and the timeout."""
+"""A rank that has not counted a step yet is still starting for this long (importing torch,
+meeting its peers, perhaps logging while it waits for them): not idle, whatever it wrote."""
 REPORT_WAIT_S = 5.0
 """How long the host that found a hang waits for every host's stacks before it decides."""
 STRAGGLER_RATIO = 0.5
@@ -54,15 +54,18 @@ class RankSteps:
             self.steps, self.changed_at = steps, now
 
     def idle_s(self, now: float, last_output: float) -> tuple[float, str]:
-        """Seconds without progress, and what says so: its steps, or its output."""
+        """Seconds without progress, and what says so: its steps, or its output (0 while it
+        is still starting: a warning printed while it waits for slower peers to start is
+        no sign of a hang, and it must not be named the cause of another rank's)."""
         if self.steps:
             return now - self.changed_at, "steps"
+        if now - self.started < STARTUP_S:
+            return 0.0, "output"
         return now - max(self.started, last_output), "output"
 
     def hung(self, now: float, last_output: float, timeout_s: float) -> bool:
         seconds, _ = self.idle_s(now, last_output)
-        starting = not self.steps and last_output <= self.started
-        return seconds >= (max(timeout_s, STARTUP_S) if starting else timeout_s)
+        return seconds >= timeout_s
 
     def rate(self) -> float | None:
         """Steps per second between its first and its last step seen."""
