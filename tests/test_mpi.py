@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from smdist.agent.backends import mpi
-from smdist.errors import RendezvousFailed
+from smdist.errors import ConfigError, RendezvousFailed
 from smdist.worker import mpi_rank
 from tests.helpers import (
     REPO,
@@ -341,6 +341,7 @@ def test_each_rank_gets_its_own_hosts_values_and_explicit_x_wins() -> None:
 
 
 def test_ensure_sshd_starts_a_real_sshd_once(tmp_path: Path) -> None:
+    # The opt-out (SMDIST_SSH_JOB_KEY=0): any sshd on the port will do.
     port = free_port()
     try:
         assert mpi.ensure_sshd(port) == f"started sshd on port {port}"
@@ -353,33 +354,142 @@ def test_ensure_sshd_starts_a_real_sshd_once(tmp_path: Path) -> None:
             os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
 
 
+# --- the per-job ssh key ----------------------------------------------------------------
+
+
+def _ssh(port: int, key: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``ssh root@127.0.0.1 true`` with ``key`` and no other identity: 0 when let in."""
+    return subprocess.run(
+        [
+            "ssh", "-F", "/dev/null", "-p", str(port), "-i", str(key),
+            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10", *extra,
+            "root@127.0.0.1", "true",
+        ],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_job_key_is_fresh_private_and_one_ed25519_line(tmp_path: Path) -> None:
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    a, b = mpi.make_job_key(tmp_path / "a"), mpi.make_job_key(tmp_path / "b")
+    assert a.public != b.public  # a new pair for every job
+    assert a.public.startswith("ssh-ed25519 ") and a.public.endswith(" smdist-job")
+    assert "\n" not in a.public
+    assert a.private.parent == tmp_path / "a" / "ssh"
+    assert a.private.parent.stat().st_mode & 0o777 == 0o700
+    assert a.private.stat().st_mode & 0o777 == 0o600
+    assert "PRIVATE KEY" in a.private.read_text()
+    args = mpi.ssh_key_args(a)
+    assert args == f"-i {a.private} -o IdentitiesOnly=yes"
+    # The master's word through the store: the public half only, validated on arrival.
+    assert mpi.parse_ssh_key_word(json.dumps({"public_key": a.public})) == a.public
+    assert mpi.parse_ssh_key_word(json.dumps({"public_key": None})) is None
+    for bad in ("", "[]", '{"public_key": "ssh-rsa AAAA"}', '{"public_key": "x\\nssh-ed25519 A"}'):
+        with pytest.raises(RendezvousFailed, match="mpi/ssh-key: the master.s"):
+            mpi.parse_ssh_key_word(bad)
+
+
+def test_missing_or_broken_ssh_keygen_is_one_line_naming_it(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError) as missing:
+        mpi.make_job_key(tmp_path, path=str(empty))
+    assert str(missing.value) == (
+        f"the MPI backend's per-job ssh key: ssh-keygen not found (PATH={empty}): install "
+        "openssh-client in the image (launchers/install-mpi.sh), or set SMDIST_SSH_JOB_KEY=0 "
+        "to use your own keys"
+    )
+    fake = write_script(
+        empty / "ssh-keygen", "#!/bin/sh\necho 'ssh-keygen: no entropy' >&2\nexit 3\n"
+    )
+    fake.chmod(0o755)
+    with pytest.raises(ConfigError) as broken:
+        mpi.make_job_key(tmp_path, path=str(empty))
+    assert str(broken.value) == (
+        f"the MPI backend's per-job ssh key: {fake} failed in {tmp_path / 'ssh'}: "
+        "ssh-keygen: no entropy"
+    )
+    assert not (tmp_path / "ssh").exists()  # nothing half-made left behind
+
+
+def test_job_sshd_admits_the_job_key_only_and_goes_at_job_end(tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "job").mkdir()
+    (tmp_path / "other").mkdir()
+    job = mpi.make_job_key(tmp_path / "job")
+    other = mpi.make_job_key(tmp_path / "other")  # e.g. a key baked into the image
+    try:
+        keys = mpi.install_job_key(port, job.public)
+        assert keys.read_text() == f"restrict {job.public}\n"
+        assert keys.stat().st_mode & 0o777 == 0o600
+        assert keys.parent.stat().st_mode & 0o777 == 0o700
+        said = mpi.ensure_sshd(port, authorized_keys=keys)
+        assert said == f"started the job's sshd on port {port} (the job's key only)"
+        assert _ssh(port, job.private).returncode == 0
+        # Another key, even one root's own authorized_keys lists, is not the job's.
+        refused = _ssh(port, other.private)
+        assert refused.returncode == 255 and "Permission denied" in refused.stderr
+        # A restart: the same sshd, the next attempt's key.
+        assert mpi.install_job_key(port, other.public) == keys
+        assert mpi.ensure_sshd(port, authorized_keys=keys).startswith("the job's sshd already")
+        assert _ssh(port, other.private).returncode == 0
+        assert _ssh(port, job.private).returncode == 255
+    finally:
+        stopped = mpi.stop_job_sshd(port)
+    assert stopped and not mpi.sshd_job_dir(port).exists()
+    wait_for(lambda: not mpi._ssh_banner("127.0.0.1", port, 0.5), 10, "the job sshd to stop")
+
+
+def test_an_sshd_smdist_did_not_start_is_not_trusted_with_the_job(tmp_path: Path) -> None:
+    port = free_port()
+    try:
+        mpi.ensure_sshd(port)  # as if the image's entrypoint had started one
+        keys = mpi.install_job_key(port, mpi.make_job_key(tmp_path).public)
+        with pytest.raises(ConfigError, match=rf"port {port}: an sshd that smdist did not start"):
+            mpi.ensure_sshd(port, authorized_keys=keys)
+    finally:
+        os.kill(int(mpi.sshd_pid_file(port).read_text().split()[0]), signal.SIGTERM)
+        mpi.stop_job_sshd(port)
+
+
+def test_the_published_key_needs_the_jobs_secret(tmp_path: Path) -> None:
+    from smdist.agent.store import StoreClient, StoreRefused, StoreServer
+
+    server = StoreServer(0, secret=b"s" * 32)
+    try:
+        master = StoreClient("127.0.0.1", server.port, 5, "the job", secret=b"s" * 32)
+        master.set(mpi.SSH_KEY_KEY, json.dumps({"public_key": "ssh-ed25519 AAAA smdist-job"}))
+        master.close()
+        with pytest.raises(StoreRefused):
+            StoreClient("127.0.0.1", server.port, 5, "the job", secret=b"x" * 32)
+        assert server.local_get(mpi.SSH_KEY_KEY) is not None  # nobody replaced it either
+    finally:
+        server.close()
+
+
 # --- two hosts on one machine, mpirun over real ssh -------------------------------------
 # algo-2 is 127.0.0.2: Open MPI takes it for another machine and starts its ranks through
-# ssh, into a private sshd (own host key, own job key, loopback only).
+# ssh, into the job sshd algo-2's agent starts (the per-job key the master made and handed
+# over through the store: nothing to set up here but a free port).
 
 
 @pytest.fixture
-def private_sshd(tmp_path: Path) -> Iterator[dict[str, str]]:
-    d = tmp_path / "ssh"
-    d.mkdir(mode=0o700)
-    for key in ("host_key", "id"):
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True
-        )
-    (d / "authorized_keys").write_text((d / "id.pub").read_text())
+def job_ssh() -> Iterator[dict[str, str]]:
     port = free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\n"
-        f"HostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
-        f"PidFile {d / 'sshd.pid'}\nPasswordAuthentication no\n"
-        "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
-    )
-    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
-    subprocess.run([sshd, "-f", str(d / "sshd_config"), "-E", str(d / "log")], check=True)
     try:
-        yield {"SMDIST_SSH_PORT": str(port), "SMDIST_SSH_ARGS": f"-i {d / 'id'}"}
+        yield {"SMDIST_SSH_PORT": str(port)}
     finally:
-        os.kill(int((d / "sshd.pid").read_text().split()[0]), signal.SIGTERM)
+        # The agent stops its job sshd itself (asserted in the test); a killed one cannot.
+        mpi.stop_job_sshd(port)
+
+
+def _assert_job_ssh_cleaned_up(port: str, *logs: str) -> None:
+    assert not mpi.sshd_job_dir(int(port)).exists()
+    wait_for(lambda: not mpi._ssh_banner("127.0.0.1", int(port), 0.5), 10, "the job sshd to stop")
+    for text in logs:
+        assert "PRIVATE KEY" not in text and "AAAAC3NzaC1lZDI1NTE5" not in text
 
 
 LOOPBACK = {"network_interface_name": "lo"}  # mpirun's interface options name it
@@ -427,10 +537,10 @@ def _two_hosts(tmp_path: Path, script: Path, ssh_env: dict[str, str]) -> dict[st
 
 
 def test_two_hosts_over_ssh_each_rank_sees_its_own_host(
-    tmp_path: Path, private_sshd: dict[str, str]
+    tmp_path: Path, job_ssh: dict[str, str]
 ) -> None:
     script = write_script(tmp_path / "allreduce.py", MPI4PY_ALLREDUCE)
-    results = _two_hosts(tmp_path, script, private_sshd)
+    results = _two_hosts(tmp_path, script, job_ssh)
     for host, (code, _, stderr) in results.items():
         assert code == 0, f"{host}: {stderr}"
     reports = {**_reports(tmp_path / "algo-1"), **_reports(tmp_path / "algo-2")}
@@ -444,13 +554,41 @@ def test_two_hosts_over_ssh_each_rank_sees_its_own_host(
         assert rep["env"]["NODE_RANK"] == str(rank // 2)
         assert rep["env"]["LOCAL_RANK"] == str(rank % 2)
     assert "[algo-2/3] rank 3 says hello" in results["algo-1"][1]
+    # Over the per-job key; at the end algo-2's job sshd and key file are gone, no key logged.
+    assert "a new ssh key for this job, to algo-2 through the store" in results["algo-1"][2]
+    assert "started the job's sshd on port" in results["algo-2"][2]
+    assert "stopped the job's sshd on port" in results["algo-2"][2]
+    _assert_job_ssh_cleaned_up(job_ssh["SMDIST_SSH_PORT"], *(o + e for _, o, e in results.values()))
+
+
+def test_a_broken_ssh_keygen_fails_every_host_naming_it(
+    tmp_path: Path, job_ssh: dict[str, str]
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = write_script(
+        bin_dir / "ssh-keygen", "#!/bin/sh\necho 'ssh-keygen: no entropy' >&2\nexit 3\n"
+    )
+    fake.chmod(0o755)
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    script = write_script(tmp_path / "allreduce.py", MPI4PY_ALLREDUCE)
+    results = _two_hosts(tmp_path, script, {**job_ssh, "PATH": path})
+    for host, (code, _, stderr) in results.items():
+        assert code == 2, f"{host}: {stderr}"
+        assert "Traceback" not in stderr, stderr
+        first = (tmp_path / host / "output" / "failure").read_text().splitlines()[0]
+        assert first.startswith(
+            f"ConfigError: the MPI backend's per-job ssh key: {fake} failed in /"
+        ), (host, first)
+        assert first.endswith("/ssh: ssh-keygen: no entropy (host algo-1)"), (host, first)
+    assert not mpi._ssh_banner("127.0.0.1", int(job_ssh["SMDIST_SSH_PORT"]), 0.5)
 
 
 def test_two_hosts_a_rank_raising_on_algo_2_fails_every_host(
-    tmp_path: Path, private_sshd: dict[str, str]
+    tmp_path: Path, job_ssh: dict[str, str]
 ) -> None:
     script = write_script(tmp_path / "fail.py", MPI4PY_RAISE.replace("== 1", "== 3"))
-    results = _two_hosts(tmp_path, script, private_sshd)
+    results = _two_hosts(tmp_path, script, job_ssh)
     for host, (code, _, stderr) in results.items():
         assert code == 1, f"{host}: {stderr}"
         text = (tmp_path / host / "output" / "failure").read_text()
@@ -489,10 +627,10 @@ time.sleep(300)
 
 
 def test_two_hosts_master_killed_worker_host_exits_and_no_rank_survives(
-    tmp_path: Path, private_sshd: dict[str, str]
+    tmp_path: Path, job_ssh: dict[str, str]
 ) -> None:
     script = write_script(tmp_path / "sleep.py", SLEEPER.format(out=str(tmp_path)))
-    procs = _start_two_hosts(tmp_path, script, private_sshd, "--heartbeat-timeout", "3")
+    procs = _start_two_hosts(tmp_path, script, job_ssh, "--heartbeat-timeout", "3")
     try:
         pids = wait_for(
             lambda: (

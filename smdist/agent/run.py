@@ -254,6 +254,7 @@ def _run(opts: AgentOptions, config: cfg.JobConfig, started: float) -> int:
         agent_job = _Job(opts, config, backend, entry, nproc, gpus, meeting, model, run_dir)
         return agent_job.run(started, install)
     finally:
+        backend.close()  # e.g. the MPI backend's job sshd and its key
         meeting.close()
         model.unmark()
         import shutil
@@ -386,7 +387,13 @@ class _Job:
         timeline.mark("environment for SageMaker built")
         base_env = dict(os.environ, **restart.worker_env(k, self.budget))
         launch = Launch(self.entry, base_env, env_sm, attempt_dir, k, self.budget)
-        specs = self.backend.worker_specs(launch, plan, coordinator)
+        try:
+            specs = self.backend.worker_specs(launch, plan, coordinator)
+        except stages.StopRequested:
+            raise
+        except BaseException:
+            coordinator.close()  # the other hosts hear the abort it published, then this leaves
+            raise
         timeline.mark("worker environments built")
         supervisor = Supervisor(
             config.resource.current_host,

@@ -56,6 +56,9 @@ class Backend(Protocol):
     def identify(self, failure: WorkerFailure) -> WorkerFailure:
         """The failure as the user should see it (a launcher's record names the real rank)."""
 
+    def close(self) -> None:
+        """The job ended on this host (every attempt): release what the backend set up."""
+
 
 def nproc_from_flag(flag: str, gpus: int) -> tuple[int, str]:
     """``--nproc-per-host auto|N`` as every backend reads it when it has no say of its own."""

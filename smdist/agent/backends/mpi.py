@@ -10,6 +10,12 @@ SM_CURRENT_HOST and friends are never the master's.
 The master's one worker is ``python -m smdist.agent.backends.mpi``: it runs mpirun, relays each
 rank's output as ``[host/rank]``, and when mpirun fails it names the rank that failed first
 (from mpirun's own report) and writes that rank's error record as its error file.
+
+ssh trust is per job: the master makes a fresh key pair in its private run dir, hands the
+public key to the other hosts through the authenticated store (never the private key: only
+the master's mpirun uses it), and each of them starts an sshd of its own for the job that
+accepts that key and nothing else (``AuthorizedKeysFile`` = the job's file). A key baked
+into the image, or in ``~/.ssh/authorized_keys``, does not open a job's hosts.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from typing import IO, Any
 
 from smdist import contract
 from smdist.agent.backends.base import Launch, nproc_from_flag
-from smdist.agent.rendezvous import Coordinator, JobPlan
+from smdist.agent.rendezvous import Coordinator, JobEvent, JobPlan
 from smdist.agent.report.failure import WorkerFailure
 from smdist.agent.supervisor import WorkerSpec
 from smdist.config import JobConfig
@@ -45,13 +51,17 @@ from smdist.contract import MPI_FORWARDED_ENV as FORWARDED_ENV
 from smdist.contract import MPI_HOSTS_ENV as HOSTS_ENV
 from smdist.contract import MPI_JOB_DIR_ENV as JOB_DIR_ENV
 from smdist.contract import parse_mpi_hosts, place
-from smdist.errors import ConfigError, RendezvousFailed, SmdistError
+from smdist.errors import ConfigError, JobAborted, RendezvousFailed, SmdistError
 from smdist.log import log
 from smdist.torchrun_env import host_variables, run_id
 
 SSH_PORT_ENV = "SMDIST_SSH_PORT"
 SSH_ARGS_ENV = "SMDIST_SSH_ARGS"
 """Extra ssh options for mpirun's ssh (e.g. ``-i /path/to/key``)."""
+SSH_JOB_KEY_ENV = "SMDIST_SSH_JOB_KEY"
+"""``0``: no per-job key (the opt-out): any sshd on the port, the image's or the user's keys."""
+SSH_KEY_KEY = "mpi/ssh-key"
+"""The master's word on ssh trust: ``{"public_key": "ssh-ed25519 ..."}`` or null (opt-out)."""
 SSHD_READY_KEY = "mpi/sshd/"
 SSHD_WAIT_S = 300.0
 SSHD_START_S = 30.0
@@ -255,11 +265,163 @@ def sshd_pid_file(port: int) -> Path:
     return Path("/run") / f"smdist-sshd-{port}.pid"
 
 
-def ensure_sshd(port: int | None = None, timeout_s: float = SSHD_START_S) -> str:
-    """Make sure an sshd answers on this host; start one if not. Returns what was done."""
+def sshd_job_dir(port: int) -> Path:
+    """The job sshd's own files on a host: its config and the job's ``authorized_keys``.
+
+    Under /run (root's, not world-writable): sshd's StrictModes refuses a key file below a
+    world-writable directory such as /tmp. One sshd per port, so one job per port."""
+    return Path("/run") / f"smdist-ssh-{port}"
+
+
+# --- the job's ssh key --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobKey:
+    """The master's key pair for one job: the private half never leaves ``private``'s dir."""
+
+    private: Path
+    public: str
+    """One ``authorized_keys`` line: ``ssh-ed25519 AAAA... smdist-job``."""
+
+
+_PUBLIC_KEY = re.compile(r"ssh-ed25519 [A-Za-z0-9+/]+={0,2}(?: [\w.@-]+)?")
+
+
+def _job_key(environ: Mapping[str, str]) -> bool:
+    text = environ.get(SSH_JOB_KEY_ENV, "1").strip().lower()
+    if text in ("1", "true", "yes", "on", ""):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{SSH_JOB_KEY_ENV}: expected 1 or 0, got {text!r}")
+
+
+def make_job_key(parent: Path, path: str | None = None, timeout_s: float = 30.0) -> JobKey:
+    """A fresh ed25519 key pair in a new 0700 dir under ``parent`` (the agent's private run
+    dir, removed when the agent ends). ``path``: where to look for ssh-keygen (PATH)."""
+    keygen = shutil.which("ssh-keygen", path=path)
+    where = f"PATH={path if path is not None else os.environ.get('PATH', '')}"
+    what = "the MPI backend's per-job ssh key"
+    if keygen is None:
+        raise ConfigError(
+            f"{what}: ssh-keygen not found ({where}): install openssh-client in the image "
+            f"(launchers/install-mpi.sh), or set {SSH_JOB_KEY_ENV}=0 to use your own keys"
+        )
+    d = parent / "ssh"
+    d.mkdir(mode=0o700)
+    private = d / "id_ed25519"
+    argv = [keygen, "-q", "-t", "ed25519", "-N", "", "-C", "smdist-job", "-f", str(private)]
+    try:
+        r = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout_s
+        )
+        why = " ".join((r.stderr or r.stdout).split())[:300] or f"exit {r.returncode}"
+        failed = r.returncode != 0
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        why, failed = " ".join(str(exc).split())[:300], True
+    public = ""
+    if not failed:
+        try:
+            public = " ".join(private.with_name("id_ed25519.pub").read_text().split())
+        except OSError as exc:
+            why, failed = f"no public key: {exc.strerror or exc}", True
+    if not failed and not _PUBLIC_KEY.fullmatch(public):
+        why, failed = "its public key is not one ed25519 key line", True
+    if failed or not private.is_file():
+        shutil.rmtree(d, ignore_errors=True)
+        raise ConfigError(f"{what}: {keygen} failed in {d}: {why or 'no private key written'}")
+    return JobKey(private, public)
+
+
+def ssh_key_args(key: JobKey) -> str:
+    """mpirun's ssh uses the job's key and no other (not an agent's, not ~/.ssh's)."""
+    return f"-i {key.private} -o IdentitiesOnly=yes"
+
+
+def parse_ssh_key_word(text: str) -> str | None:
+    """The master's word (``SSH_KEY_KEY``): the job's public key, or None (opt-out)."""
+    try:
+        word = json.loads(text)
+        public = word["public_key"]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise RendezvousFailed(f"{SSH_KEY_KEY}: the master's ssh key word is malformed") from exc
+    if public is None:
+        return None
+    if not isinstance(public, str) or not _PUBLIC_KEY.fullmatch(public):
+        raise RendezvousFailed(f"{SSH_KEY_KEY}: the master's public key is not an ed25519 key")
+    return public
+
+
+def install_job_key(port: int, public: str) -> Path:
+    """This host's ``authorized_keys`` for the job: the one key, 0600 in a 0700 dir.
+
+    ``restrict``: no pty, no forwarding of any kind; mpirun needs only to run a command."""
+    d = sshd_job_dir(port)
+    d.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(d, 0o700)  # an earlier run's dir with other modes: sshd's StrictModes
+    path = d / "authorized_keys"
+    contract.atomic_write(path, f"restrict {public}\n", perms=0o600)
+    return path
+
+
+def _pid_alive_with(pid_file: Path, marker: str) -> bool:
+    """Whether ``pid_file`` names a live process whose command line contains ``marker``."""
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (OSError, ValueError, IndexError):
+        return False
+    return marker in cmdline
+
+
+def _sshd_config(port: int, authorized_keys: Path) -> str:
+    """The job sshd's whole config (``-f``): nothing from /etc/ssh/sshd_config applies, so
+    no ``AuthorizedKeysFile``, ``Match`` block or password login of the image's own."""
+    host_keys = sorted(str(k) for k in Path("/etc/ssh").glob("ssh_host_*_key"))
+    lines = [
+        f"Port {port}",
+        *(f"HostKey {k}" for k in host_keys),
+        f"PidFile {sshd_pid_file(port)}",
+        f"AuthorizedKeysFile {authorized_keys}",
+        "AuthorizedKeysCommand none",
+        "AuthorizedPrincipalsFile none",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "HostbasedAuthentication no",
+        "PermitRootLogin prohibit-password",  # SageMaker containers run as root
+        "StrictModes yes",
+        "UseDNS no",
+        "PrintMotd no",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def ensure_sshd(
+    port: int | None = None,
+    timeout_s: float = SSHD_START_S,
+    *,
+    authorized_keys: Path | None = None,
+) -> str:
+    """Make sure an sshd answers on this host; start one if not. Returns what was done.
+
+    ``authorized_keys``: the job's key file. Then the sshd must be the job's own (started
+    here with its own config, accepting that file only); an sshd someone else started on
+    the port is refused, as it would accept other keys. None: the opt-out, any sshd."""
     port = ssh_port() if port is None else port
+    pid_file = sshd_pid_file(port)
+    marker = str(sshd_job_dir(port) / "sshd_config")
     if _ssh_banner("127.0.0.1", port):
-        return f"sshd already answering on port {port}"
+        if authorized_keys is None:
+            return f"sshd already answering on port {port}"
+        if _pid_alive_with(pid_file, marker):
+            return f"the job's sshd already answering on port {port}"
+        raise ConfigError(
+            f"port {port}: an sshd that smdist did not start already answers there, and it "
+            f"would accept keys other than the job's: stop it, or set {SSH_PORT_ENV} to a free "
+            f"port (the same on every host), or {SSH_JOB_KEY_ENV}=0 to use it with your own keys"
+        )
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     if not os.path.exists(sshd):
         raise ConfigError(
@@ -270,10 +432,13 @@ def ensure_sshd(port: int | None = None, timeout_s: float = SSHD_START_S) -> str
     if not any(Path("/etc/ssh").glob("ssh_host_*_key")):
         subprocess.run(["ssh-keygen", "-A"], check=True, capture_output=True)
     # sshd forks into the background itself; its exit status says whether it could.
-    pid_file = sshd_pid_file(port)
-    r = subprocess.run(
-        [sshd, "-p", str(port), "-o", f"PidFile={pid_file}"], capture_output=True, text=True
-    )
+    if authorized_keys is None:
+        argv = [sshd, "-p", str(port), "-o", f"PidFile={pid_file}"]
+    else:
+        config = Path(marker)
+        contract.atomic_write(config, _sshd_config(port, authorized_keys), perms=0o600)
+        argv = [sshd, "-f", str(config)]
+    r = subprocess.run(argv, capture_output=True, text=True)
     if r.returncode != 0:
         why = " ".join(r.stderr.split())[:300] or f"exit {r.returncode}"
         raise ConfigError(f"cannot start sshd on port {port}: {why}")
@@ -282,7 +447,25 @@ def ensure_sshd(port: int | None = None, timeout_s: float = SSHD_START_S) -> str
         if time.monotonic() > deadline:
             raise ConfigError(f"sshd started but did not answer on port {port} in {timeout_s} s")
         time.sleep(0.1)
-    return f"started sshd on port {port}"
+    if authorized_keys is None:
+        return f"started sshd on port {port}"
+    return f"started the job's sshd on port {port} (the job's key only)"
+
+
+def stop_job_sshd(port: int) -> bool:
+    """Job end: stop the job's sshd (if this agent's job started it) and remove its key
+    file and config. Returns whether there was one to stop."""
+    pid_file = sshd_pid_file(port)
+    job = sshd_job_dir(port)
+    stopped = False
+    if _pid_alive_with(pid_file, str(job / "sshd_config")):
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+            stopped = True
+        with contextlib.suppress(OSError):
+            pid_file.unlink()
+    shutil.rmtree(job, ignore_errors=True)
+    return stopped
 
 
 def _wait_sshd_ready(
@@ -302,7 +485,8 @@ def _wait_sshd_ready(
     while True:
         left = timeout_s - (time.monotonic() - start)
         if coordinator is not None:
-            missing = coordinator.wait_for(missing, max(0.0, min(10.0, left)))
+            missing = coordinator.wait_for(missing, max(0.0, min(10.0, left)), or_abort=True)
+            _raise_if_aborted(coordinator)
         else:  # no store to hear from: ask the hosts' sshd directly
             missing = [
                 k
@@ -330,6 +514,40 @@ def _wait_sshd_ready(
             )
 
 
+def _raise_if_aborted(coordinator: Coordinator) -> None:
+    event = coordinator.event()
+    if event is not None:
+        raise JobAborted(event.headline, event.exit_code or 1)
+
+
+def _fail_job_wide(coordinator: Coordinator, host: str, exc: SmdistError) -> None:
+    """Publish ``exc`` as the job's abort, so every host stops with its headline."""
+    headline = exc.headline() if exc.where == "" else f"{exc.headline()} (host {host})"
+    coordinator.report(JobEvent("failure", host, headline, exc.exit_code, time=time.time()))
+
+
+def _wait_ssh_key(coordinator: Coordinator, master: str, timeout_s: float) -> str | None:
+    """Not the master: bounded, logged wait for the master's word on the job's ssh key."""
+    start = time.monotonic()
+    while True:
+        left = timeout_s - (time.monotonic() - start)
+        missing = coordinator.wait_for([SSH_KEY_KEY], max(0.0, min(10.0, left)), or_abort=True)
+        _raise_if_aborted(coordinator)
+        if not missing:
+            return parse_ssh_key_word(coordinator.published(SSH_KEY_KEY)[SSH_KEY_KEY])
+        if time.monotonic() - start >= timeout_s:
+            raise RendezvousFailed(
+                f"no ssh key from {master} within {timeout_s:.0f} s (the MPI backend's "
+                "per-job key; is the master's agent running with --backend mpi?)"
+            )
+        log.info(
+            "waiting for the job's ssh key from %s (%.0f s of %.0f s)",
+            master,
+            time.monotonic() - start,
+            timeout_s,
+        )
+
+
 class MpiBackend:
     """Open MPI's mpirun on the master starts every host's ranks over ssh."""
 
@@ -338,6 +556,15 @@ class MpiBackend:
     def __init__(self, config: JobConfig) -> None:
         self.config = config
         self.options = mpi_options(config)  # parsed once; a bad value fails before the rendezvous
+        self.sshd_port: int | None = None
+        """The port of the job sshd this agent started or keyed (stopped by ``close``)."""
+
+    def close(self) -> None:
+        """Job end: this host's job sshd stops and its key file goes (the master's private
+        key is in the agent's run dir, removed with it)."""
+        if self.sshd_port is not None and stop_job_sshd(self.sshd_port):
+            log.info("MPI: stopped the job's sshd on port %d, removed its key", self.sshd_port)
+        self.sshd_port = None
 
     def processes_per_host(self, flag: str, gpus: int) -> tuple[int, str]:
         if flag == "auto" and self.options.nproc_per_host is not None:
@@ -360,12 +587,13 @@ class MpiBackend:
         self, launch: Launch, plan: JobPlan, coordinator: Coordinator
     ) -> list[WorkerSpec]:
         """Master: one spec, the mpirun launcher. Other hosts: none (sshd up, readiness told)."""
-        return _worker_specs(launch, plan, self.config, self.options, coordinator)
+        return _worker_specs(launch, plan, self, coordinator)
 
 
 def _worker_specs(
-    launch: Launch, plan: JobPlan, config: JobConfig, opts: MpiOptions, coordinator: Coordinator
+    launch: Launch, plan: JobPlan, backend: MpiBackend, coordinator: Coordinator
 ) -> list[WorkerSpec]:
+    config, opts = backend.config, backend.options
     entry, base_env, sm_env, run_dir = launch.entry, launch.base_env, launch.sm_env, launch.run_dir
     host = config.resource.current_host
     layout = plan.layout
@@ -390,10 +618,38 @@ def _worker_specs(
         if mine is not None and mine == master:  # one machine (--simulate): no ssh at all
             done = f"same address as {layout.master}, no ssh needed"
         else:
-            done = ensure_sshd(port)
+            public = _wait_ssh_key(coordinator, layout.master, SSHD_WAIT_S)
+            try:
+                keys = None if public is None else install_job_key(port, public)
+                if keys is not None:
+                    backend.sshd_port = port  # from now on, close() cleans up
+                done = ensure_sshd(port, authorized_keys=keys)
+            except SmdistError as exc:
+                _fail_job_wide(coordinator, host, exc)
+                raise
+            except OSError as exc:
+                err = ConfigError(f"the job's ssh key on {host}: {exc.strerror or exc}")
+                _fail_job_wide(coordinator, host, err)
+                raise err from exc
         log.info("MPI: %s; mpirun on %s starts this host's ranks", done, layout.master)
         coordinator.publish(SSHD_READY_KEY + host, "1")
         return []
+    ssh_extra = base_env.get(SSH_ARGS_ENV, "")
+    if others:
+        try:
+            key = make_job_key(run_dir, base_env.get("PATH")) if _job_key(base_env) else None
+        except SmdistError as exc:
+            _fail_job_wide(coordinator, host, exc)
+            raise
+        if key is None:
+            log.info(
+                "MPI: no per-job ssh key (%s=0): the hosts' own sshd and keys", SSH_JOB_KEY_ENV
+            )
+        else:
+            log.info("MPI: a new ssh key for this job, to %s through the store", ", ".join(others))
+            ssh_extra = f"{ssh_key_args(key)} {ssh_extra}"
+        word = {"public_key": key.public if key else None}
+        coordinator.publish(SSH_KEY_KEY, json.dumps(word))
     _wait_sshd_ready(coordinator, others, plan.addresses, port, SSHD_WAIT_S)
     mpirun = shutil.which("mpirun", path=base_env.get("PATH"))
     if mpirun is None:
@@ -425,7 +681,7 @@ def _worker_specs(
         rank_argv,
         interface=None if single else config.resource.network_interface_name,
         port=port,
-        ssh_extra=base_env.get(SSH_ARGS_ENV, ""),
+        ssh_extra=ssh_extra,
         custom=opts.custom,
         forward=forward,
         as_root=os.geteuid() == 0,

@@ -30,6 +30,9 @@ class TorchBackend:
     def identify(self, failure: WorkerFailure) -> WorkerFailure:
         return failure
 
+    def close(self) -> None:
+        pass  # nothing outlives the workers
+
     def worker_specs(
         self, launch: Launch, plan: JobPlan, coordinator: Coordinator
     ) -> list[WorkerSpec]:
