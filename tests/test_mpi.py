@@ -387,7 +387,7 @@ def test_job_key_is_fresh_private_and_one_ed25519_line(tmp_path: Path) -> None:
     assert mpi.parse_ssh_key_word(json.dumps({"public_key": a.public})) == a.public
     assert mpi.parse_ssh_key_word(json.dumps({"public_key": None})) is None
     for bad in ("", "[]", '{"public_key": "ssh-rsa AAAA"}', '{"public_key": "x\\nssh-ed25519 A"}'):
-        with pytest.raises(RendezvousFailed, match="mpi/ssh-key: the master.s"):
+        with pytest.raises(RendezvousFailed, match="mpi/ssh-key: the master's"):
             mpi.parse_ssh_key_word(bad)
 
 
@@ -559,6 +559,52 @@ def test_two_hosts_over_ssh_each_rank_sees_its_own_host(
     assert "started the job's sshd on port" in results["algo-2"][2]
     assert "stopped the job's sshd on port" in results["algo-2"][2]
     _assert_job_ssh_cleaned_up(job_ssh["SMDIST_SSH_PORT"], *(o + e for _, o, e in results.values()))
+
+
+@pytest.fixture
+def own_sshd(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """The opt-out: an sshd and key of the user's own (loopback only), no per-job key."""
+    d = tmp_path / "ssh"
+    d.mkdir(mode=0o700)
+    for key in ("host_key", "id"):
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True
+        )
+    (d / "authorized_keys").write_text((d / "id.pub").read_text())
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nListenAddress 127.0.0.2\n"
+        f"HostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        f"PidFile {d / 'sshd.pid'}\nPasswordAuthentication no\n"
+        "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
+    )
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    subprocess.run([sshd, "-f", str(d / "sshd_config"), "-E", str(d / "log")], check=True)
+    try:
+        yield {
+            "SMDIST_SSH_PORT": str(port),
+            "SMDIST_SSH_ARGS": f"-i {d / 'id'}",
+            "SMDIST_SSH_JOB_KEY": "0",
+        }
+    finally:
+        os.kill(int((d / "sshd.pid").read_text().split()[0]), signal.SIGTERM)
+
+
+def test_opt_out_of_the_job_key_uses_the_users_own_sshd_and_key(
+    tmp_path: Path, own_sshd: dict[str, str]
+) -> None:
+    script = write_script(tmp_path / "allreduce.py", MPI4PY_ALLREDUCE)
+    results = _two_hosts(tmp_path, script, own_sshd)
+    for host, (code, _, stderr) in results.items():
+        assert code == 0, f"{host}: {stderr}"
+    assert "no per-job ssh key (SMDIST_SSH_JOB_KEY=0)" in results["algo-1"][2]
+    assert f"sshd already answering on port {own_sshd['SMDIST_SSH_PORT']}" in results["algo-2"][2]
+    assert sorted({**_reports(tmp_path / "algo-1"), **_reports(tmp_path / "algo-2")}) == [
+        0,
+        1,
+        2,
+        3,
+    ]
 
 
 def test_a_broken_ssh_keygen_fails_every_host_naming_it(

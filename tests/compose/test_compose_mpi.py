@@ -112,9 +112,9 @@ for key in /root/.ssh/id_* own /keys/planted; do
     [ -f "$key" ] || continue
     out=$(ssh -F /dev/null -i "$key" -o IdentitiesOnly=yes -o BatchMode=yes \
         -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ConnectTimeout=20 \
-        root@algo-2 'echo INSIDE' 2>&1)
+        -o LogLevel=ERROR root@algo-2 'echo INSIDE' 2>&1)
     rc=$?
-    echo "ATTEMPT $key rc=$rc $(echo "$out" | tr '\n' ' ')"
+    echo "ATTEMPT $key rc=$rc $(echo "$out" | tr '\r\n' '  ')"  # ssh ends lines with \r\n
 done
 exit 0
 """

@@ -628,7 +628,8 @@ def _worker_specs(
                 _fail_job_wide(coordinator, host, exc)
                 raise
             except OSError as exc:
-                err = ConfigError(f"the job's ssh key on {host}: {exc.strerror or exc}")
+                where = exc.filename or sshd_job_dir(port)
+                err = ConfigError(f"the job's ssh key on {host}: {where}: {exc.strerror or exc}")
                 _fail_job_wide(coordinator, host, err)
                 raise err from exc
         log.info("MPI: %s; mpirun on %s starts this host's ranks", done, layout.master)
