@@ -89,7 +89,9 @@ class RendezvousSettings:
     port: int = 29400
     timeout_s: float = 600.0
     master_port: int | None = None
-    heartbeat_interval_s: float = 1.0
+    heartbeat_interval_s: float = 2.0
+    """A watcher's wait: its heartbeat. The timeout, not this, decides when a host is lost
+    (its next wait late by more than it); every wait wakes at once on the abort."""
     heartbeat_timeout_s: float = 10.0
     leave_timeout_s: float = 5.0
 

@@ -76,6 +76,8 @@ class _Conn:
         "authed",
         "bad",
         "expect_by",
+        "last_payload",
+        "last_request",
         "nonce",
         "opened",
         "peer",
@@ -99,6 +101,9 @@ class _Conn:
         self.expect_by = math.inf  # armed by its first wait: its watcher has started
         self.bad = 0
         self.opened = time.monotonic()
+        # A watcher's heartbeat repeats its last wait byte for byte: not parsed again.
+        self.last_payload = b""
+        self.last_request: dict[str, Any] = {}
 
     def name(self) -> str:
         return f"{self.peer} ({self.who})" if self.who else self.peer
@@ -388,12 +393,17 @@ class StoreServer:
         if conn.expect_by != math.inf and self._hb_timeout is not None:
             conn.expect_by = time.monotonic() + self._hb_timeout
         try:
-            try:
-                req = json.loads(payload)
-            except (ValueError, RecursionError):
-                raise BadRequest("not JSON") from None
-            if not isinstance(req, dict):
-                raise BadRequest("not a JSON object")
+            if payload == conn.last_payload:
+                req = conn.last_request  # a repeated wait (the watcher's beat): parsed once
+            else:
+                try:
+                    req = json.loads(payload)
+                except (ValueError, RecursionError):
+                    raise BadRequest("not JSON") from None
+                if not isinstance(req, dict):
+                    raise BadRequest("not a JSON object")
+                if req.get("op") == "wait":
+                    conn.last_payload, conn.last_request = payload, req
             reply = self._handle(conn, req)
         except BadRequest as exc:
             conn.bad += 1
