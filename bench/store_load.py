@@ -1,8 +1,10 @@
 """``python -m bench.store_load``: the control plane at scale (issue 18, part 2).
 
 The master is a real agent's rendezvous in its own process (``--serve``): the store server,
-the master's own control and watcher connections. The other N-1 hosts are simulated in this
-process, each with the real client code: ``rendezvous()`` (join, read the plan), the
+the master's own control and watcher connections. The other N-1 hosts are simulated in
+worker processes (``--agents``, about 128 hosts each: one GIL for a thousand agents' threads
+starved some of them for longer than the store's handshake bound), a thread per host running
+the real client code: ``rendezvous()`` (join, read the plan), the
 coordinator's watcher (its waits are its heartbeats), and the exit barrier (``finished``,
 ``close``) or a job-wide abort (``report``). Per N:
 
@@ -19,9 +21,12 @@ table between the ``store-load`` markers of ``docs/benchmarks.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import logging
 import os
+import queue
 import resource
 import socket
 import statistics
@@ -115,7 +120,8 @@ def _wait_listening(port: int, master: subprocess.Popen[str], timeout_s: float =
     raise RuntimeError(f"the master did not listen on {port} within {timeout_s} s")
 
 
-def _all(threads: list[threading.Thread], timeout_s: float, what: str) -> None:
+def _threads(targets: list[Callable[[], object]], timeout_s: float, what: str) -> None:
+    threads = [threading.Thread(target=t) for t in targets]
     for t in threads:
         t.start()
     deadline = time.monotonic() + timeout_s
@@ -125,9 +131,152 @@ def _all(threads: list[threading.Thread], timeout_s: float, what: str) -> None:
         raise RuntimeError(f"{what}: not done within {timeout_s:.0f} s")
 
 
-def job(n: int, ending: str, steady_s: float) -> dict[str, Any]:
-    """One simulated job of ``n`` hosts, ending at the exit barrier or with an abort."""
+def _say(**fields: Any) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def agents(n: int, port: int, lo: int, hi: int) -> int:
+    """Simulated hosts ``lo..hi-1`` (of ``n``; 0 is the master), a thread each, driven by
+    commands on stdin, one JSON answer line each on stdout: ``join`` (every agent's
+    ``rendezvous()`` at once), ``watch`` (every coordinator's watcher: its heartbeats),
+    ``finish`` (the exit barrier) or ``report`` (the job's abort, from host ``n-1``), then
+    ``await`` (until every watcher here was told the outcome) and ``close``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 4 * (hi - lo) + 256)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    threading.stack_size(512 * 1024)  # hundreds of simulated agents' threads, not stacks
+    logging.getLogger("smdist").setLevel(logging.WARNING)
     hosts = _hosts(n)
+    addresses = dict.fromkeys(hosts, "127.0.0.1")
+    mine = range(lo, hi)
+    coords: dict[int, Coordinator] = {}
+    notified: dict[int, float] = {}
+    lock = threading.Lock()
+    all_told = threading.Event()
+    joined: dict[int, float] = {}
+
+    def join(i: int) -> Callable[[], None]:
+        def run() -> None:
+            _, coords[i] = rendezvous(hosts[i], hosts, 1, addresses, _settings(port),
+                                      secret=SECRET)  # fmt: skip
+            joined[i] = time.time()
+
+        return run
+
+    def told(i: int) -> Callable[[], None]:
+        def note() -> None:
+            with lock:
+                notified[i] = time.time()
+                if len(notified) == len(mine):
+                    all_told.set()
+
+        return note
+
+    _say(ready=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "join":
+            cpu = _own_cpu_s()
+            _threads([join(i) for i in mine], 300, "join")
+            _say(joined=max(joined.values()), cpu_s=_own_cpu_s() - cpu)
+        elif cmd == "watch":
+            for i in mine:
+                coords[i].start_watch(told(i))
+            _say(watching=True)
+        elif cmd == "finish":
+            for i in mine:
+                coords[i].finished()
+            _say(finished=time.time())
+        elif cmd == "report":
+            at = time.time()
+            coords[n - 1].report(JobEvent("failure", hosts[n - 1], "bench: a worker failed", 1, 0))
+            _say(reported=at)
+        elif cmd == "await":
+            if not all_told.wait(60):
+                _say(error=f"{len(mine) - len(notified)} watchers never heard")
+                continue
+            kinds = {("alldone" if c.all_done() else str(getattr(c.event(), "kind", None)))
+                     for c in coords.values()}  # fmt: skip
+            _say(told=max(notified.values()), kinds=sorted(kinds))
+        elif cmd == "close":
+            _threads([c.close for c in coords.values()], 60, "close")  # the master waits
+            _say(closed=True)
+            return 0
+    return 0
+
+
+class _Proc:
+    """A child process that answers each command with one JSON line (read by a thread,
+    so every wait for an answer is bounded)."""
+
+    def __init__(self, args: list[str], what: str) -> None:
+        self.what = what
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "bench.store_load", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+        self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            if line.startswith("{"):
+                self.lines.put(json.loads(line))
+        self.lines.put(None)
+
+    def _read_stderr(self) -> None:
+        assert self.p.stderr is not None
+        for line in self.p.stderr:
+            self.stderr.append(line.rstrip("\n"))
+            del self.stderr[:-200]
+
+    def send(self, cmd: str) -> None:
+        assert self.p.stdin is not None
+        self.p.stdin.write(cmd + "\n")
+        self.p.stdin.flush()
+
+    def answer(self, timeout_s: float, what: str) -> dict[str, Any]:
+        try:
+            got = self.lines.get(timeout=timeout_s)
+        except queue.Empty:
+            why = f"no answer to {what} within {timeout_s:.0f} s"
+            raise RuntimeError(f"{self.what}: {why}") from None
+        if got is None or "error" in got:
+            tail = "\n".join(self.stderr[-20:])
+            why = got["error"] if got else f"exited {self.p.wait()}"
+            raise RuntimeError(f"{self.what}: {what}: {why}\n{tail}")
+        return got
+
+    def end(self) -> None:
+        with contextlib.suppress(OSError):
+            assert self.p.stdin is not None
+            self.p.stdin.close()
+        try:
+            self.p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+
+
+def _ask(procs: list[_Proc], cmd: str, timeout_s: float) -> list[dict[str, Any]]:
+    for p in procs:
+        p.send(cmd)
+    deadline = time.monotonic() + timeout_s
+    return [p.answer(max(0.1, deadline - time.monotonic()), cmd) for p in procs]
+
+
+def job(n: int, ending: str, steady_s: float, procs: int) -> dict[str, Any]:
+    """One simulated job of ``n`` hosts, ending at the exit barrier or with an abort: the
+    master in one process, the other hosts spread over ``procs`` processes."""
     port = free_port()
     master = subprocess.Popen(
         [sys.executable, "-m", "bench.store_load", "--serve", str(n), str(port)],
@@ -138,41 +287,28 @@ def job(n: int, ending: str, steady_s: float) -> dict[str, Any]:
         cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
-    coords: list[Coordinator | None] = [None] * (n - 1)
-    out: dict[str, Any] = {"n": n, "ending": ending}
+    out: dict[str, Any] = {"n": n, "ending": ending, "agent_procs": procs}
+    cuts = [1 + (n - 1) * k // procs for k in range(procs + 1)]
+    workers: list[_Proc] = []
+    joined = False
     try:
         _wait_listening(port, master)
-        joined = [0.0] * (n - 1)
-        addresses = dict.fromkeys(hosts, "127.0.0.1")
-
-        def join(i: int) -> None:
-            _, coords[i] = rendezvous(hosts[i + 1], hosts, 1, addresses, _settings(port),
-                                      secret=SECRET)  # fmt: skip
-            joined[i] = time.time()
-
-        master_cpu, own = _proc(master.pid)["cpu_s"], _own_cpu_s()
+        workers = [
+            _Proc(["--agents", str(n), str(port), str(lo), str(hi)], f"agents {lo}-{hi - 1}")
+            for lo, hi in itertools.pairwise(cuts)
+            if hi > lo
+        ]
+        for w in workers:
+            w.answer(120, "start")  # every process imported and ready before the clock starts
+        master_cpu = _proc(master.pid)["cpu_s"]
         began = time.time()
-        _all([threading.Thread(target=join, args=(i,)) for i in range(n - 1)], 120, "join")
-        out["plan_s"] = max(joined) - began
-        # Whose CPU the join took: the store's (master) or the simulated agents' (this one).
+        answers = _ask(workers, "join", 300)
+        joined = True
+        out["plan_s"] = max(a["joined"] for a in answers) - began
+        # Whose CPU the join took: the store's (master) or the simulated agents'.
         out["join_master_cpu_s"] = _proc(master.pid)["cpu_s"] - master_cpu
-        out["join_agents_cpu_s"] = _own_cpu_s() - own
-        notified = [0.0] * (n - 1)
-        all_told = threading.Event()
-        lock = threading.Lock()
-
-        def told(i: int) -> Callable[[], None]:
-            def note() -> None:
-                with lock:
-                    notified[i] = time.time()
-                    if all(notified):
-                        all_told.set()
-
-            return note
-
-        for i, c in enumerate(coords):
-            assert c is not None
-            c.start_watch(told(i))
+        out["join_agents_cpu_s"] = sum(a["cpu_s"] for a in answers)
+        _ask(workers, "watch", 60)
         time.sleep(2.0)  # let every watcher reach its steady beat before measuring
         first = _proc(master.pid)
         time.sleep(steady_s)
@@ -183,26 +319,20 @@ def job(n: int, ending: str, steady_s: float) -> dict[str, Any]:
             assert master.stdin is not None
             master.stdin.write("finish\n")
             master.stdin.flush()
-            for c in coords:
-                assert c is not None
-                c.finished()
-            start = time.time()
+            start = max(a["finished"] for a in _ask(workers, "finish", 60))
         else:
-            start = time.time()
-            victim = coords[-1]
-            assert victim is not None
-            victim.report(JobEvent("failure", hosts[-1], "bench: a worker failed", 1, 0))
-        if not all_told.wait(60):
-            raise RuntimeError(f"{ending}: {notified.count(0.0)} watchers never heard")
-        out[f"{ending}_s"] = max(notified) - start
-        kinds = {("alldone" if c.all_done() else getattr(c.event(), "kind", None)) for c in coords
-                 if c is not None}  # fmt: skip
-        out["outcome"] = sorted(str(k) for k in kinds)
+            victim = workers[-1]
+            victim.send("report")
+            start = victim.answer(60, "report")["reported"]
+        told = _ask(workers, "await", 90)
+        out[f"{ending}_s"] = max(a["told"] for a in told) - start
+        out["outcome"] = sorted({k for a in told for k in a["kinds"]})
     finally:
-        closers = [
-            threading.Thread(target=c.close) for c in coords if c is not None
-        ]  # the master waits for every host to leave
-        _all(closers, 60, "close")
+        if joined:
+            with contextlib.suppress(RuntimeError):
+                _ask(workers, "close", 90)  # the master waits for every host to leave
+        for w in workers:
+            w.end()
         try:
             stdout, stderr = master.communicate(timeout=60)
         except subprocess.TimeoutExpired:
@@ -211,27 +341,30 @@ def job(n: int, ending: str, steady_s: float) -> dict[str, Any]:
         if "plan_s" not in out or master.returncode != 0:
             print(f"store-load: the master's log:\n{stderr[-3000:]}", file=sys.stderr)
     lines = [json.loads(ln) for ln in stdout.splitlines() if ln.startswith("{")]
-    outcome = next((ln for ln in lines if "outcome_at" in ln), {})
+    outcome: dict[str, Any] = next((ln for ln in lines if "outcome_at" in ln), {})
     out["master_outcome"] = outcome.get("kind")
     out["master_exit"] = master.returncode
     out["master_log_tail"] = stderr.splitlines()[-5:]
     return out
 
 
-def measure(sizes: tuple[int, ...], runs: int, steady_s: float) -> dict[str, Any]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, 4 * max(sizes) + 256)
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    threading.stack_size(512 * 1024)  # a thousand simulated agents' threads, not their stacks
-    logging.getLogger("smdist").setLevel(logging.WARNING)
+def agent_procs(n: int, per_proc: int) -> int:
+    """How many processes simulate ``n`` hosts: ``per_proc`` agents each (one GIL per few
+    dozen agents' threads, so no simulated agent waits seconds for its turn)."""
+    return max(1, (n - 1 + per_proc - 1) // per_proc)
+
+
+def measure(
+    sizes: tuple[int, ...], runs: int, steady_s: float, per_proc: int = 32
+) -> dict[str, Any]:
     results: dict[str, Any] = {"sizes": {}, "steady_s": steady_s, "runs": runs}
     for n in sizes:
         per: list[dict[str, Any]] = []
         for r in range(runs):
             for ending in ("barrier", "abort"):
                 print(f"store-load: N={n} run {r + 1}/{runs} ({ending})", file=sys.stderr)
-                per.append(job(n, ending, steady_s if ending == "barrier" else 1.0))
+                per.append(job(n, ending, steady_s if ending == "barrier" else 1.0,
+                               agent_procs(n, per_proc)))  # fmt: skip
         results["sizes"][str(n)] = {"runs": per, "summary": _summary(per)}
     return results
 
@@ -338,12 +471,24 @@ def write_docs(results: Path, docs: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.store_load", description=__doc__)
     p.add_argument("--serve", nargs=2, type=int, metavar=("N", "PORT"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--agents", nargs=4, type=int, metavar=("N", "PORT", "LO", "HI"), help=argparse.SUPPRESS
+    )
     p.add_argument("--sizes", default=",".join(map(str, SIZES)))
     p.add_argument("--runs", type=int, default=3, help="runs per size (at most 3)")
     p.add_argument("--steady", type=float, default=10.0, help="seconds of steady heartbeats")
+    p.add_argument(
+        "--per-proc",
+        type=int,
+        default=32,
+        metavar="K",
+        help="simulated hosts per process (default 32)",
+    )
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results", metavar="DIR")
     p.add_argument("--docs", type=Path, metavar="FILE", help="write its section there too")
     ns = p.parse_args(argv)
+    if ns.agents:
+        return agents(*ns.agents)
     if ns.serve:
         logging.getLogger("smdist").addHandler(logging.StreamHandler(sys.stderr))
         logging.getLogger("smdist").setLevel(logging.WARNING)
@@ -353,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = tuple(int(s) for s in ns.sizes.split(","))
     machine = machine_info()
     # make bench passes its --runs (5): three per size are enough for a ten-second window.
-    data = measure(sizes, min(ns.runs, 3), ns.steady)
+    data = measure(sizes, min(ns.runs, 3), ns.steady, ns.per_proc)
     data["machine"] = machine
     ns.results.mkdir(parents=True, exist_ok=True)
     data["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
