@@ -10,10 +10,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from smdist import contract
 from smdist.errors import ConfigError
+
+TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_ROOT = "/opt/ml"
 ROOT_ENV = contract.OPT_ML_ENV

@@ -25,7 +25,10 @@ adds the per-rank ones. Pure functions of their arguments, standard library only
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
+if TYPE_CHECKING:
+    from typing import Any
 
 ROLE_NAME = "default"  # torchrun's role when none is given
 JOB_NAME_SOURCES = ("TRAINING_JOB_NAME",)

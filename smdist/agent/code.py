@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from smdist import contract
 from smdist.config import Paths
@@ -36,8 +35,10 @@ from smdist.errors import (
 )
 from smdist.log import log
 
+TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
 if TYPE_CHECKING:
     from tarfile import TarInfo
+    from typing import Any
 
 SUBMIT_DIRECTORY = "sagemaker_submit_directory"
 CA_REPOSITORY_ARN = "CA_REPOSITORY_ARN"

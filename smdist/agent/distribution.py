@@ -14,10 +14,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from smdist.config import JobConfig
 from smdist.errors import ConfigError
+
+TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
+if TYPE_CHECKING:
+    from typing import Any
 
 TORCH_DISTRIBUTED = "sagemaker_torch_distributed_enabled"
 PYTORCH_DDP = "sagemaker_pytorch_ddp_enabled"

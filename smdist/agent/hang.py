@@ -10,16 +10,18 @@ a collective (the others are their victims). Their hang is the job's failure.
 from __future__ import annotations
 
 import re
-import statistics
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from smdist import contract
 from smdist.contract import RunDir
 from smdist.steps import StepCounter
+
+TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
+if TYPE_CHECKING:
+    from typing import Any
 
 TICK_S = 1.0
 STARTUP_S = 120.0
@@ -155,5 +157,7 @@ def stragglers(rates: Mapping[int, float]) -> list[tuple[int, float, float]]:
     """(rank, rate, median) for each rank much slower than the median."""
     if len(rates) < 2:
         return []
+    import statistics  # at the end of a job, not on the way to its first worker
+
     median = statistics.median(rates.values())
     return [(r, v, median) for r, v in sorted(rates.items()) if v < STRAGGLER_RATIO * median]

@@ -17,7 +17,6 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from smdist import config as config_mod
 from smdist.agent import entry as entries
@@ -27,7 +26,13 @@ from smdist.config import JobConfig, Paths
 from smdist.contract import Category
 from smdist.errors import ConfigError, SmdistError
 
-Status = Literal["ok", "warn", "fail"]
+TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
+if TYPE_CHECKING:
+    from typing import Literal
+
+    Status = Literal["ok", "warn", "fail"]
+else:
+    Status = str
 HostResolver = Callable[[Sequence[str]], object]
 """Resolves every host or raises (HostResolutionFailed); discovery.py provides one."""
 

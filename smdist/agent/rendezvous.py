@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
 
 from smdist.agent.model_dir import decode_inventory, encode_inventory
 from smdist.agent.stages import Stopped, StopRequested
@@ -24,9 +22,14 @@ from smdist.agent.topology import Layout, build_layout, master_host, sorted_host
 from smdist.errors import JobAborted, RendezvousFailed, SmdistError
 from smdist.log import log
 
+TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
 if TYPE_CHECKING:
+    from typing import Any, Protocol
+
     from smdist.agent.report.failure import WorkerFailure
     from smdist.agent.store import StoreClient, StoreServer, StoreUnavailable
+else:
+    Protocol = object  # the structural type exists for mypy only
 
 ABORT = "abort"
 ALL_DONE = "alldone"
@@ -254,21 +257,31 @@ def _import_store() -> None:
     from smdist.agent.store import StoreClient, StoreServer, StoreUnavailable
 
 
+def _bound(port: int) -> int:
+    """Bind a TCP socket to ``port`` (0: any free one) and close it; return the port.
+    ``_socket``, not ``socket``: its enums cost a one-host job's start-up a few ms."""
+    import _socket
+
+    s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    try:
+        s.bind(("", port))
+        bound: int = s.getsockname()[1]
+        return bound
+    finally:
+        s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return _bound(0)
 
 
 def check_port_free(port: int, what: str, host: str) -> None:
-    with socket.socket() as s:
-        try:
-            s.bind(("", port))
-        except OSError as exc:
-            raise RendezvousFailed(
-                f"{what} {port} on {host} is already in use: {exc.strerror or exc}"
-            ) from exc
+    try:
+        _bound(port)
+    except OSError as exc:
+        raise RendezvousFailed(
+            f"{what} {port} on {host} is already in use: {exc.strerror or exc}"
+        ) from exc
 
 
 def _wait_logged(

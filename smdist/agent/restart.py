@@ -9,12 +9,13 @@ the others again for the next attempt without a word about it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from smdist.agent.rendezvous import JobEvent
-from smdist.agent.report.classify import classify
-from smdist.agent.report.failure import WorkerFailure
 from smdist.contract import MAX_RESTARTS_ENV, RESTART_COUNT_ENV, Category
+
+TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
+if TYPE_CHECKING:
+    from typing import Any
 
 BACKOFF_FIRST_S = 0.1
 """The default first pause (``--restart-pause``): long enough for the ranks of the attempt
@@ -70,6 +71,9 @@ def attempt_record(attempt: int, event: JobEvent | None, exit_code: int, now: fl
         return Attempt(attempt, "Failed", f"exit {exit_code}", None, None, now, exit_code)
     category = event.headline.split(":", 1)[0]
     if event.kind == "failure" and event.failure is not None:
+        from smdist.agent.report.classify import classify  # after a failure, not at start
+        from smdist.agent.report.failure import WorkerFailure
+
         category = classify(WorkerFailure.from_dict(event.failure)).category
     return Attempt(
         attempt,

@@ -10,7 +10,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from smdist import config as cfg
 from smdist import timeline
@@ -37,14 +36,16 @@ from smdist.agent.rendezvous import (
     RendezvousSettings,
     stop_event,
 )
-from smdist.agent.report import failure, write
+from smdist.agent.report import write
 from smdist.agent.report.memory import MemoryStats, memory_snapshot
 from smdist.agent.supervisor import Outcome, Supervisor
 from smdist.errors import JobAborted, SmdistError
 from smdist.log import log, setup
 
+TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
 if TYPE_CHECKING:
     from smdist.agent.code import Install
+    from smdist.agent.report.failure import WorkerFailure
 
 
 @dataclass(frozen=True)
@@ -570,10 +571,12 @@ def _report(
         _write_success_file(config.paths)
         return 0
     event = outcome.event
-    root: failure.WorkerFailure | None = None
+    root: WorkerFailure | None = None
     remote: SmdistError | None = None
     if event is not None and event.kind == "failure" and event.failure is not None:
-        root = failure.WorkerFailure.from_dict(event.failure)
+        from smdist.agent.report.failure import WorkerFailure
+
+        root = WorkerFailure.from_dict(event.failure)
         # Prefer this host's own record of it (same object as in outcome.failures).
         root = next(
             (

@@ -13,9 +13,12 @@ import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from smdist.errors import ConfigError
+
+TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
+if TYPE_CHECKING:
+    from typing import Any
 
 PREFIX = "SMDIST_"
 

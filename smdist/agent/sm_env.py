@@ -18,11 +18,14 @@ import json
 import os
 import subprocess
 from collections.abc import Mapping
-from typing import Any
 
 from smdist.config import JobConfig
 from smdist.contract import FRAMEWORK_HYPERPARAMETERS, is_framework_hyperparameter
 from smdist.errors import ConfigError
+
+TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
+if TYPE_CHECKING:
+    from typing import Any
 
 # Any of these framework flags puts the current instance group in the distribution.
 _DISTRIBUTION_FLAGS = (

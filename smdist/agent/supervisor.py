@@ -22,7 +22,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
 
 from smdist import contract, timeline
 from smdist.agent import hang, reaper, stages
@@ -30,7 +29,10 @@ from smdist.agent.rendezvous import Coordinator, JobEvent
 from smdist.contract import STACK_DUMP_SIGNAL
 from smdist.log import log
 
+TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
 if TYPE_CHECKING:  # the report's code is imported when a worker fails (issue 18)
+    from typing import IO
+
     from smdist.agent.report.failure import WorkerFailure
 
 TAIL_LINES = 50

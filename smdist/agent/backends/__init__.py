@@ -7,8 +7,8 @@ The table names each class by module so that importing this package imports no b
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
+TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
 if TYPE_CHECKING:
     from smdist.agent.backends.base import Backend
     from smdist.config import JobConfig

@@ -10,15 +10,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
 
 from smdist.agent.entry import Entry
 from smdist.agent.rendezvous import Coordinator, JobPlan
 from smdist.agent.supervisor import WorkerSpec
 
+TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
 if TYPE_CHECKING:
+    from typing import Protocol
+
     from smdist.agent.hang import RankSteps
     from smdist.agent.report.failure import WorkerFailure
+else:
+    Protocol = object  # the structural type exists for mypy only
 
 
 @dataclass(frozen=True)

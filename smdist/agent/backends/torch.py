@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from smdist import contract
 from smdist.agent.backends.base import Launch, nproc_from_flag
 from smdist.agent.rendezvous import Coordinator, JobPlan
@@ -12,6 +10,7 @@ from smdist.config import JobConfig
 from smdist.log import log
 from smdist.torchrun_env import run_id, worker_variables
 
+TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
 if TYPE_CHECKING:
     from smdist.agent.report.failure import WorkerFailure
 

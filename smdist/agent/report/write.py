@@ -17,15 +17,19 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from smdist import contract
-from smdist.agent.report.classify import Classification, choose_root_cause, classify, one_line
-from smdist.agent.report.failure import WorkerFailure
 from smdist.agent.report.memory import MemoryStats, memory_snapshot
 from smdist.config import Paths
 from smdist.contract import FAILURE_FILE_LIMIT
 from smdist.errors import SmdistError
+
+TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
+if TYPE_CHECKING:  # the classifier: imported when there is something to report
+    from typing import Any
+
+    from smdist.agent.report.classify import Classification
+    from smdist.agent.report.failure import WorkerFailure
 
 REPORT_NAME = "smdist-failure.json"
 """The whole job's report: the master's (or a one-host job's), every host's failures."""
@@ -85,6 +89,8 @@ def _compose(
 
 
 def _other_lines(failures: Sequence[WorkerFailure], root: WorkerFailure | None) -> list[str]:
+    from smdist.agent.report.classify import classify, one_line
+
     others = [f for f in failures if not _same(f, root) and not f.peer_stopped]
     peers = [f for f in failures if not _same(f, root) and f.peer_stopped]
     out = []
@@ -122,6 +128,8 @@ def report(
     The JSON report goes to ``smdist-failure-<current_host>.json`` and, when ``whole_job``
     (the master, or a host that does not know its name yet), to ``smdist-failure.json``.
     """
+    from smdist.agent.report.classify import choose_root_cause, classify, one_line
+
     memory = memory_snapshot(memory_at_start.cgroup_dir if memory_at_start else None)
     base = memory_at_start.oom_kill if memory_at_start and memory_at_start.oom_kill else 0
     oom_kills = max(0, (memory.oom_kill or 0) - base)
