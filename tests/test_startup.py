@@ -24,15 +24,19 @@ NOT_FOR_ONE_HOST = (
 )
 # Nor before its first worker starts: the worker's side (bootstrap, artifacts: they run in
 # ranks), hashing and tempfile (nothing to hash or randomise before the first worker),
-# typing (annotations are for mypy), statistics (step rates, at the end), socket (a free
-# port needs only _socket), and the failure report's classifier (imported when something
-# failed). ctypes is not asserted (the kill-with-parent hook needs libc's prctl).
+# typing (annotations are for mypy), dataclasses and inspect (smdist.records makes the
+# agent's records: the decorators were half its start-up), statistics (step rates, at the
+# end), socket (a free port needs only _socket), and the failure report's classifier
+# (imported when something failed). ctypes is not asserted (the kill-with-parent hook
+# needs libc's prctl).
 NOT_BEFORE_THE_FIRST_WORKER = (
     *NOT_FOR_ONE_HOST,
     "hashlib",
     "tempfile",
     "smdist.worker",
     "typing",
+    "dataclasses",
+    "inspect",
     "statistics",
     "socket",
     "smdist.agent.report.classify",

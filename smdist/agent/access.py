@@ -11,12 +11,12 @@ import ipaddress
 import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from smdist.config import JobConfig
 from smdist.errors import ConfigError
+from smdist.records import dataclass
 
 SECRET_ENV = "SMDIST_JOB_SECRET"
 SECRET_FILE_ENV = "SMDIST_JOB_SECRET_FILE"

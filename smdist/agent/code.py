@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from smdist import contract
@@ -34,6 +33,7 @@ from smdist.errors import (
     SmdistError,
 )
 from smdist.log import log
+from smdist.records import dataclass
 
 TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
 if TYPE_CHECKING:

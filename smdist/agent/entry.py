@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from smdist.errors import EntryPointNotFound
+from smdist.records import dataclass
 
 
 @dataclass(frozen=True)

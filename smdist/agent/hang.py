@@ -12,11 +12,11 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from smdist import contract
 from smdist.contract import RunDir
+from smdist.records import dataclass, field
 from smdist.steps import StepCounter
 
 TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)

@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from smdist import contract
@@ -33,6 +32,7 @@ from smdist.config import Paths
 from smdist.contract import Category
 from smdist.errors import SmdistError
 from smdist.log import log
+from smdist.records import dataclass
 
 _HASH_CHUNK = 1 << 20
 MARKER_PREFIX = ".smdist-marker-"

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from smdist.config import JobConfig
+from smdist.records import dataclass
 
 # PCI device ids of EFA generations: the first (0xefa0, p3dn/c5n) has no RDMA read; later
 # ones (0xefa1 p4d, 0xefa2 p5, ...) do, and NCCL's GPUDirect RDMA over EFA needs it.

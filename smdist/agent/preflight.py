@@ -15,7 +15,6 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from smdist import config as config_mod
@@ -25,6 +24,7 @@ from smdist.agent.topology import gpu_count
 from smdist.config import JobConfig, Paths
 from smdist.contract import Category
 from smdist.errors import ConfigError, SmdistError
+from smdist.records import dataclass
 
 TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
 if TYPE_CHECKING:

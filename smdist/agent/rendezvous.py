@@ -14,13 +14,13 @@ import json
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 
 from smdist.agent.model_dir import decode_inventory, encode_inventory
 from smdist.agent.stages import Stopped, StopRequested
 from smdist.agent.topology import Layout, build_layout, master_host, sorted_hosts
 from smdist.errors import JobAborted, RendezvousFailed, SmdistError
 from smdist.log import log
+from smdist.records import asdict, dataclass, field
 
 TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
 if TYPE_CHECKING:

@@ -8,10 +8,9 @@ the others again for the next attempt without a word about it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 from smdist.agent.rendezvous import JobEvent
 from smdist.contract import MAX_RESTARTS_ENV, RESTART_COUNT_ENV, Category
+from smdist.records import asdict, dataclass
 
 TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
 if TYPE_CHECKING:

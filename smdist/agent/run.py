@@ -8,7 +8,6 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from smdist import config as cfg
@@ -41,6 +40,7 @@ from smdist.agent.report.memory import MemoryStats, memory_snapshot
 from smdist.agent.supervisor import Outcome, Supervisor
 from smdist.errors import JobAborted, SmdistError
 from smdist.log import log, setup
+from smdist.records import asdict, dataclass, field
 
 TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
 if TYPE_CHECKING:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import signal
 import threading
-from dataclasses import dataclass, field
 from types import FrameType
 
 from smdist import contract
 from smdist.errors import SmdistError
 from smdist.log import log
+from smdist.records import dataclass, field
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

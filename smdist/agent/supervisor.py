@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import enum
 import os
 import select
@@ -20,14 +19,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from smdist import contract, timeline
+from smdist import contract, records, timeline
 from smdist.agent import hang, reaper, stages
 from smdist.agent.rendezvous import Coordinator, JobEvent
 from smdist.contract import STACK_DUMP_SIGNAL
 from smdist.log import log
+from smdist.records import dataclass, field
 
 TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
 if TYPE_CHECKING:  # the report's code is imported when a worker fails (issue 18)
@@ -403,7 +402,7 @@ class Supervisor:
                 self._sleep()
                 outcome = self._step()
                 if outcome is not None:
-                    return dataclasses.replace(outcome, step_rates=self.step_rates())
+                    return records.replace(outcome, step_rates=self.step_rates())
         finally:
             signal.set_wakeup_fd(old_fd)
             for s, h in old.items():

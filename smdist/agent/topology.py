@@ -7,10 +7,10 @@ import re
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from smdist.errors import ConfigError
+from smdist.records import dataclass
 
 
 def sorted_hosts(hosts: Sequence[str]) -> tuple[str, ...]:

@@ -8,12 +8,12 @@ picks one from its table.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from smdist.agent.entry import Entry
 from smdist.agent.rendezvous import Coordinator, JobPlan
 from smdist.agent.supervisor import WorkerSpec
+from smdist.records import dataclass, field
 
 TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
 if TYPE_CHECKING:

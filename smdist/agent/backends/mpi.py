@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import dataclasses
 import itertools
 import json
 import os
@@ -37,11 +36,10 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from smdist import contract
+from smdist import contract, records
 from smdist.agent.backends.base import Launch, nproc_from_flag
 from smdist.agent.rendezvous import Coordinator, JobEvent, JobPlan
 from smdist.agent.report.failure import WorkerFailure
@@ -53,6 +51,7 @@ from smdist.contract import MPI_JOB_DIR_ENV as JOB_DIR_ENV
 from smdist.contract import parse_mpi_hosts, place
 from smdist.errors import ConfigError, JobAborted, RendezvousFailed, SmdistError
 from smdist.log import log
+from smdist.records import dataclass
 from smdist.torchrun_env import host_variables, run_id
 
 SSH_PORT_ENV = "SMDIST_SSH_PORT"
@@ -576,7 +575,7 @@ class MpiBackend:
         rec = failure.error_record()
         if rec is None or rec.get("reported_by") != "mpirun":
             return failure
-        return dataclasses.replace(
+        return records.replace(
             failure,
             host=str(rec.get("host") or failure.host),
             rank=int(rec.get("rank") or 0),

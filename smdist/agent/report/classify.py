@@ -11,7 +11,6 @@ import errno
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from smdist.agent.report.failure import WorkerFailure
 from smdist.agent.report.memory import MemoryStats, format_bytes
 from smdist.agent.report.stderr import parse_faulthandler, parse_stderr_traceback
 from smdist.contract import Category
+from smdist.records import dataclass
 
 
 @dataclass(frozen=True)

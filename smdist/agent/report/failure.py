@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from smdist import contract
 from smdist.agent.report.stderr import from_torchelastic
+from smdist.records import dataclass, field
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ The agent takes a snapshot before its workers start; a worker killed by SIGKILL 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+
+from smdist.records import dataclass
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 

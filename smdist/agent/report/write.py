@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from smdist import contract
@@ -23,6 +22,7 @@ from smdist.agent.report.memory import MemoryStats, memory_snapshot
 from smdist.config import Paths
 from smdist.contract import FAILURE_FILE_LIMIT
 from smdist.errors import SmdistError
+from smdist.records import dataclass, field
 
 TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
 if TYPE_CHECKING:  # the classifier: imported when there is something to report
