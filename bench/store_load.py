@@ -370,6 +370,10 @@ def measure(
 
 
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    # A run whose job ended otherwise (a host declared lost on an overloaded machine before
+    # the abort or the barrier) measured something else: counted, not summarised.
+    expected = {"barrier": ["alldone"], "abort": ["failure"]}
+    runs = [r for r in runs if r.get("outcome") == expected[r["ending"]]]
     out: dict[str, Any] = {}
     for key, ending in (
         ("plan_s", None), ("cpu_pct", "barrier"), ("rss_mib", "barrier"), ("threads", "barrier"),
