@@ -13,7 +13,8 @@ What is kept: fields from the class's own annotations, in order; defaults,
 ``__post_init__``; ``__eq__`` and, when frozen, ``__hash__`` over the compared fields (a
 non-frozen record is unhashable); a method the class defines itself is never replaced;
 ``asdict`` and ``replace``. Not kept: inheritance between records, ``ClassVar`` and
-``InitVar`` annotations, ``slots``, ``order``, ``kw_only`` (no record uses them). mypy sees
+``InitVar`` annotations (both refused with a TypeError when the class is made), ``slots``,
+``order``, ``kw_only`` (no record uses them). mypy sees
 the standard ``dataclasses`` names, so a record is type-checked as a dataclass.
 """
 
@@ -45,6 +46,25 @@ else:
         return wrap if cls is None else wrap(cls)
 
     def _make(cls, frozen):
+        # What records do not do is refused, never half done (a standard dataclass would
+        # take the base's fields or skip a ClassVar; a record would silently not).
+        for base in cls.__mro__[1:]:
+            if "__record_fields__" in base.__dict__ or "__dataclass_fields__" in base.__dict__:
+                raise TypeError(
+                    f"{cls.__qualname__}: records do not inherit fields (from "
+                    f"{base.__qualname__}); use dataclasses.dataclass for this class"
+                )
+        for name, annotation in cls.__dict__.get("__annotations__", {}).items():  # noqa: RUF063
+            if (
+                str(annotation)
+                .replace("typing.", "")
+                .replace("dataclasses.", "")
+                .startswith(("ClassVar", "InitVar"))
+            ):
+                raise TypeError(
+                    f"{cls.__qualname__}.{name}: records have no ClassVar or InitVar "
+                    "fields; use dataclasses.dataclass for this class"
+                )
         fields = []
         # The class's own annotations (inspect.get_annotations would import inspect).
         for name in cls.__dict__.get("__annotations__", {}):  # noqa: RUF063

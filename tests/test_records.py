@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -110,3 +110,21 @@ def test_post_init_runs_and_replace_falls_back_to_dataclasses() -> None:
         n: int
 
     assert records.replace(Std(1), n=2) == Std(2)
+
+
+def test_what_records_do_not_do_is_refused_not_half_done() -> None:
+    @records.dataclass
+    class Base:
+        a: int
+
+    with pytest.raises(TypeError, match="records do not inherit fields"):
+
+        @records.dataclass
+        class Child(Base):
+            b: int
+
+    with pytest.raises(TypeError, match=r"Odd\.limit: records have no ClassVar"):
+
+        @records.dataclass
+        class Odd:
+            limit: ClassVar[int] = 3
