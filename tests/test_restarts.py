@@ -247,3 +247,7 @@ def test_a_host_killed_in_the_pause_ends_the_job_as_host_lost_at_once(
     assert agents[survivor].returncode == 1, err
     first = (tmp_path / survivor / "output" / "failure").read_text().splitlines()[0]
     assert first.startswith(f"HostLost: host {killed} stopped responding"), first
+    assert first.endswith("; 1 attempt(s) made, --max-restarts 1"), first
+    data = tmp_path / survivor / "output" / "data" / f"smdist-failure-{survivor}.json"
+    attempts = json.loads(data.read_text())["extra"]["attempts"]
+    assert [(a["attempt"], a["rank"]) for a in attempts] == [(0, 1)], attempts

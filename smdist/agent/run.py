@@ -300,7 +300,12 @@ class _Job:
     def run(self, started: float, install: Install | None) -> int:
         k = 0
         while True:
-            outcome, departure, memory = self._attempt(k, install if k == 0 else None)
+            try:
+                outcome, departure, memory = self._attempt(k, install if k == 0 else None)
+            except SmdistError as exc:
+                if not self.attempts:
+                    raise  # before any attempt ran: reported as any early failure
+                return self._ended_between_attempts(exc, started)
             if outcome.exit_code == 0:
                 if k:
                     log.info("attempt %d of the job succeeded (%d restart(s))", k + 1, k)
@@ -316,6 +321,24 @@ class _Job:
                     self.config, outcome, started, memory, departure, self.attempts, self.budget
                 )
             k += 1
+
+    def _ended_between_attempts(self, exc: SmdistError, started: float) -> int:
+        """The pause or the next meeting failed (a host lost there): the report still lists
+        every attempt made, as when the budget runs out."""
+        log.error("%s", exc.headline())
+        diagnosis = write.report(
+            self.config.paths,
+            [],
+            current_host=self.config.resource.current_host,
+            smdist_error=exc,
+            extra={
+                "elapsed_s": round(time.monotonic() - started, 3),
+                "attempts": [a.to_dict() for a in self.attempts],
+            },
+            whole_job=_is_master(self.config),
+            headline_note=f"; {len(self.attempts)} attempt(s) made, --max-restarts {self.budget}",
+        )
+        return diagnosis.exit_code
 
     def _attempt(self, k: int, install: Install | None) -> tuple[Outcome, Departure, MemoryStats]:
         """Meet, start this host's workers, supervise them, leave: one attempt."""
