@@ -265,14 +265,27 @@ def _resilience_table(d: dict[str, Any]) -> list[str]:
         return f"{min(values):.2f}-{max(values):.2f}"
 
     lines = ["| measurement | median (min-max) | target |", "|---|---|---|"]
-    for key, runs in d.items():
-        if key.startswith("restart") and runs:
+    for key, all_runs in d.items():
+        if key.startswith("restart") and all_runs:
+            runs = [r for r in all_runs if r.get("restarted", True)]
+            back = (
+                ""
+                if len(runs) == len(all_runs)
+                else f"; back in {len(runs)} of {len(all_runs)} runs"
+            )
+            if not runs:
+                lines.append(
+                    f"| {key}: failing rank's exit -> every rank ready again | never back{back} "
+                    "| <= 1.2x cold |"
+                )
+                continue
             lines.append(
                 f"| {key}: failing rank's exit -> every rank ready again | "
                 f"{med(runs, 'restart_s'):.2f} s ({span(runs, 'restart_s')}); cold "
-                f"{med(runs, 'cold_s'):.2f} s: **{med(runs, 'ratio'):.2f}x** | <= 1.2x cold |"
+                f"{med(runs, 'cold_s'):.2f} s: **{med(runs, 'ratio'):.2f}x**{back} | <= 1.2x cold |"
             )
-        elif key.startswith("hang") and runs:
+        elif key.startswith("hang") and all_runs:
+            runs = all_runs
             lines.append(
                 f"| {key}: detected after `--hang-timeout` | "
                 f"{med(runs, 'over_timeout_s'):.2f} s ({span(runs, 'over_timeout_s')}) | <= 5 s |"
