@@ -59,13 +59,18 @@ def test_every_hosts_report_and_the_masters_whole_job_report_survive_the_merge(
 
 SLOW_VICTIM = """
 import os, signal, sys, time
+ready = os.path.join(os.path.dirname(os.path.abspath(__file__)), "victim-ready")
 if os.environ["RANK"] == "0":
-    time.sleep(1)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(ready):  # fail only once the victim's handler is in
+        assert time.monotonic() < deadline, "rank 1 never got ready"
+        time.sleep(0.05)
     raise ValueError("bad shard on rank 0")
 def slow_stop(*_):  # a victim that takes its time to stop (a checkpoint on the way out)
     time.sleep(7)
     sys.exit(143)
 signal.signal(signal.SIGTERM, slow_stop)
+open(ready, "w").close()
 time.sleep(60)
 """
 

@@ -697,9 +697,10 @@ class Rendezvous:
             joined = ctl.prefix("host/")
             nprocs: dict[str, int] = {}
             tokens: dict[str, str] = {}
+            mine = _hosts_summary(ordered)  # once, not once per host (N hashes of N names)
             for h in ordered:
                 info = json.loads(joined[f"host/{h}"])
-                if info["hosts"] != _hosts_summary(ordered):
+                if info["hosts"] != mine:
                     raise RendezvousFailed(
                         f"hosts differ between {self.master} ({_hosts_shown(ordered)}) and "
                         f"{h} ({info['hosts'].get('shown', '?')}): every host's "
