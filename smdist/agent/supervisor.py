@@ -447,7 +447,10 @@ class Supervisor:
                 self._on_job_event(remote)
         if self._watching():
             self._hang_events()
-        if not self._live() and not (self.deferred and self.state is State.RUNNING):
+        # Gone means every exit was handled above, not that none is live now: a waiter thread
+        # can set a returncode after that loop, and that rank's failure must not be lost.
+        handled = all(id(w) in self._seen for w in self.workers)
+        if handled and not (self.deferred and self.state is State.RUNNING):
             return self._on_workers_gone()
         if self.deadline is not None and time.monotonic() >= self.deadline:
             self._on_grace_over()
