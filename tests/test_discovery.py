@@ -150,6 +150,25 @@ def test_host_that_never_appears_fails_at_the_deadline(
     assert any(line.startswith("waiting for 1/2 hosts: algo-2 NXDOMAIN") for line in log[1].lines)
 
 
+def test_an_answer_had_is_not_replaced_by_a_later_attempt_timing_out(
+    dns: DnsServer, log: tuple[logging.Logger, LogWatch]
+) -> None:
+    # algo-2 is answered NXDOMAIN, then the server goes silent for it (as a loaded machine's
+    # last short attempt does): the user is told the name does not exist, not "timeout".
+    logger, watch = log
+    dns.add("algo-1", a="10.0.0.1")
+    future = in_background(
+        lambda: resolve_hosts(["algo-1", "algo-2"], policy(dns, timeout_s=3.0), logger)
+    )
+    watch.wait_for(r"waiting for 1/2 hosts: algo-2 NXDOMAIN")
+    asked = dns.queries("algo-2")
+    dns.drop("algo-2")
+    with pytest.raises(HostResolutionFailed) as err:
+        future.result(timeout=20)
+    assert dns.queries("algo-2") > asked  # asked again after the answer, and not answered
+    assert str(err.value).endswith(": algo-2 NXDOMAIN")
+
+
 def test_servfail_is_retried_until_the_server_recovers(
     dns: DnsServer, log: tuple[logging.Logger, LogWatch]
 ) -> None:

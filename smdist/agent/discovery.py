@@ -372,6 +372,13 @@ def _failure_message(
     return head + body
 
 
+def _latest(had: str, now: str) -> str:
+    """What to say about a host still missing: an answer already had (NXDOMAIN, SERVFAIL)
+    says more than a later attempt that timed out (a loaded machine's last short attempt
+    must not turn "no such host" into "timeout"); a host never answered is a timeout."""
+    return had if now == "timeout" and had not in ("not asked yet", "timeout") else now
+
+
 def resolve_hosts(hosts: Sequence[str], policy: DnsPolicy, log: logging.Logger) -> dict[str, str]:
     """host -> IP address string (IPv4 preferred).
 
@@ -417,14 +424,14 @@ def resolve_hosts(hosts: Sequence[str], policy: DnsPolicy, log: logging.Logger) 
         for s in pending:
             future = s.inflight
             if future is None or not future.done():
-                s.error = "timeout"
+                s.error = _latest(s.error, "timeout")
                 continue
             s.inflight = None
             exc = future.exception()
             if exc is None:
                 s.address = future.result()
             elif isinstance(exc, _Miss):
-                s.error = str(exc)
+                s.error = _latest(s.error, str(exc))
             else:
                 log.debug("looking up %s failed unexpectedly", s.name, exc_info=exc)
                 s.error = f"{type(exc).__name__}: {exc}"
