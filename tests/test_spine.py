@@ -405,6 +405,45 @@ def test_decorator_run_directly_acts_as_its_own_launcher(tmp_path: Path) -> None
     assert "rank map: algo-1" in r.stderr  # it went through the agent
 
 
+DECORATED_LEAVES_AT_ONCE = """
+import atexit, os, time
+import smdist
+import torch.distributed as dist
+
+out = {out!r}
+
+def at_exit():
+    rank = os.environ["RANK"]
+    with open(os.path.join(out, "exit-" + rank), "w") as f:
+        f.write(f"{{time.time()!r}} {{dist.is_initialized()}}")
+
+atexit.register(at_exit)
+
+@smdist.main
+def train(ctx):
+    if ctx.rank == 1:  # the other rank is still busy when rank 0 returns
+        time.sleep(1.0)
+        open(os.path.join(out, "returned-1"), "w").write(repr(time.time()))
+
+if __name__ == "__main__":
+    train()
+"""
+
+
+def test_decorated_ranks_leave_together_and_destroy_their_process_group(tmp_path: Path) -> None:
+    # Rank 0's process holds the store every rank connected through: it must not be gone
+    # while another rank is still at work.
+    root = make_tree(tmp_path / "ml")
+    script = write_script(tmp_path / "dec.py", DECORATED_LEAVES_AT_ONCE.format(out=str(tmp_path)))
+    r = run(["--opt-ml", str(root), "--nproc-per-host", "2", str(script)])
+    assert r.returncode == 0, r.stderr
+    returned_1 = float((tmp_path / "returned-1").read_text())
+    for rank in (0, 1):
+        _at, initialized = (tmp_path / f"exit-{rank}").read_text().split()
+        assert initialized == "False"  # destroyed before the interpreter's teardown
+    assert float((tmp_path / "exit-0").read_text().split()[0]) >= returned_1
+
+
 def test_entry_as_module_and_program(tmp_path: Path) -> None:
     root = make_tree(tmp_path / "ml")
     pkg = tmp_path / "mypkg"

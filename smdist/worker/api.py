@@ -300,6 +300,7 @@ class _Main:
         ctx = init()
         ctx._stop_hooks.extend(self._hooks)
         watcher = _StopWatcher(ctx)
+        ended_well = False
         try:
             try:
                 result = self._fn(ctx)
@@ -307,14 +308,29 @@ class _Main:
                 result = None
             if ctx._stop.is_set():
                 ctx._run_stop_hooks()
+            ended_well = True
             return result
         finally:
             watcher.close()
-            import torch.distributed as dist
+            if ended_well:
+                _leave_process_group(meet=not ctx._stop.is_set())
 
-            if dist.is_initialized():
-                with contextlib.suppress(Exception):
-                    dist.destroy_process_group()
+
+def _leave_process_group(*, meet: bool) -> None:
+    """After the function returned: meet the other ranks, then destroy the process group.
+
+    Meeting first (``meet``; not when stopping, where ranks leave as each is done) keeps rank
+    0, whose process holds the store every rank connected through, alive until every rank is
+    past it: a function that returns at once would otherwise end the store while another rank
+    still reads it. Nothing on a failure: destroying a group while another rank may still wait
+    in a collective can block, and the failure must reach the error file first."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_initialized():
+        return
+    with contextlib.suppress(Exception):
+        if meet:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(fn: Callable[[Context], Any]) -> _Main:
