@@ -44,6 +44,8 @@ PEER_ERROR_GRACE_S = 2.0
 """How long a worker's broken-collective error waits for the root cause from elsewhere."""
 
 _output_lock = threading.Lock()
+_dump_lines = threading.Condition()
+"""Notified by a relay when it kept lines for a stack dump being awaited."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,9 @@ def _relay(
             last = block[:-1].rsplit(b"\n", TAIL_LINES)[-TAIL_LINES:]
             tail.extend(line.decode("utf-8", "replace")[:1000] for line in last)
             if activity.capture is not None:
-                activity.capture.extend(block[:-1].decode("utf-8", "replace").split("\n"))
+                with _dump_lines:
+                    activity.capture.extend(block[:-1].decode("utf-8", "replace").split("\n"))
+                    _dump_lines.notify_all()
     src.close()
 
 
@@ -152,19 +156,25 @@ DUMP_QUIET_S = 0.05
 
 
 def _await_dumps(workers: Sequence[Worker], timeout_s: float) -> None:
-    """Until every worker's stack dump has arrived (its output quiet after a header), or
-    ``timeout_s``: a look every 10 ms, so a dump costs its own time, not a fixed wait."""
+    """Until every worker's stack dump has arrived (its header in, then its output quiet for
+    DUMP_QUIET_S), or ``timeout_s``: woken by the relays as lines come, so a dump costs its
+    own time, not a fixed wait."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        quiet = time.monotonic() - DUMP_QUIET_S
-        if all(
-            any("(most recent call first)" in line for line in w.activity.capture or ())
-            and w.activity.last_output < quiet
-            for w in workers
-            if w.returncode is None
-        ):
-            return
-        time.sleep(0.01)
+    with _dump_lines:
+        while True:
+            now = time.monotonic()
+            live = [w for w in workers if w.returncode is None]
+            headers = all(
+                any("(most recent call first)" in line for line in w.activity.capture or ())
+                for w in live
+            )
+            quiet_at = max((w.activity.last_output for w in live), default=0.0) + DUMP_QUIET_S
+            if headers and now >= quiet_at:
+                return
+            if now >= deadline:
+                return
+            # Headers missing: until a line comes. All in: until the output has been quiet.
+            _dump_lines.wait(min(deadline, quiet_at if headers else deadline) - now)
 
 
 def _dump_watched(host: str, ranks: Sequence[hang.RankSteps]) -> dict[int, list[str]]:
@@ -301,6 +311,8 @@ class Supervisor:
         w.exited_at = time.time()
         w.returncode = code
         self._wake()
+        with _dump_lines:  # a dump awaited from it will not come
+            _dump_lines.notify_all()
 
     def start(self) -> None:
         me = os.getpid()
