@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 
 from smdist import contract
+from smdist.worker import store_wait
 
 # Everything above is what every rank imports before its first line (issue 18), and what an
 # error record needs after the script has dropped the privileges to read the interpreter's
@@ -309,6 +310,7 @@ def main(argv: list[str] | None = None) -> None:
             reconfigure = getattr(stream, "reconfigure", None)
             if reconfigure is not None:
                 reconfigure(line_buffering=True)
+    store_wait.install()  # ranks other than 0 meet rank 0's store without torch's backoff
     try:
         if args[0] == "-m":
             module, rest = args[1], args[2:]
