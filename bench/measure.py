@@ -46,6 +46,28 @@ def _ready_s(launch: Launch) -> float | None:
     return max(float(r["t"]) for r in got.values()) - launch.t0
 
 
+PHASES = ("first_line_s", "torch_s", "init_s", "meet_s")
+"""Where a time-to-ready goes, from the ranks' ``ready`` records, in seconds since the
+launch, each the last rank's: its first line, ``import torch`` done, past
+``init_process_group``; ``meet_s`` is the last two apart (the ranks meeting at rank 0's
+store: a rank that got there first and was refused waits out torch's connect backoff)."""
+
+
+def _ready_phases(launch: Launch) -> dict[str, float]:
+    got = launch.records("ready").values()
+    if len(got) < launch.world or not all("phases" in r and "started" in r for r in got):
+        return {}
+    t0 = launch.t0
+    torch_s = max(r["phases"]["torch"] for r in got) - t0
+    init_s = max(r["phases"]["init"] for r in got) - t0
+    return {
+        "first_line_s": max(r["started"] for r in got) - t0,
+        "torch_s": torch_s,
+        "init_s": init_s,
+        "meet_s": init_s - torch_s,
+    }
+
+
 def _exit_s(launch: Launch, since: float) -> float | None:
     if len(launch.exits) < len(launch.procs):
         return None
@@ -170,7 +192,7 @@ def time_to_ready(plan: Plan, configs: list[tuple[int, int]]) -> dict[str, Any]:
                 ready = _ready_s(launch)
                 # Killed once ready: the teardown is not what this measures, and it halves
                 # the time the benchmark takes.
-                run: dict[str, Any] = {"run": r, "ready_s": ready}
+                run: dict[str, Any] = {"run": r, "ready_s": ready, **_ready_phases(launch)}
                 if ready is None:
                     run["error"] = _stderr_tail(launch)
             finally:
@@ -203,6 +225,7 @@ def failure(
             run: dict[str, Any] = {"run": r}
             try:
                 run["ready_s"] = _ready_s(launch)
+                run.update(_ready_phases(launch))
                 raised = launch.wait_records("raise", 1, 60).get(fail_rank)
                 if raised is None:
                     run["error"] = "the failing rank never raised: " + _stderr_tail(launch)
@@ -247,6 +270,7 @@ def sigterm(plan: Plan, configs: list[tuple[int, int]], handler_s: float) -> dic
             run: dict[str, Any] = {"run": r}
             try:
                 run["ready_s"] = _ready_s(launch)
+                run.update(_ready_phases(launch))
                 if run["ready_s"] is None:
                     run["error"] = _stderr_tail(launch)
                 else:

@@ -15,7 +15,7 @@ CHART = "time-to-ready.png"
 ORDER = ("floor", "smdist", "smdist-script", "torchrun", "toolkit")
 METRICS = {
     "startup": ("first_line_s", "exit_s"),
-    "ready": ("ready_s",),
+    "ready": ("ready_s", "first_line_s", "torch_s", "init_s", "meet_s"),
     "failure": ("latency_s", "first_exit_s"),
     "sigterm": ("latency_s", "overhead_s", "ready_s"),
     "relay": ("wall_s", "peak_mib"),
@@ -99,7 +99,34 @@ def _ready_table(d: dict[str, Any]) -> list[str]:
     for key, per in configs.items():
         s = per["summary"]
         lines.append(f"| {key} | " + " | ".join(_cell(s[n]["ready_s"]) for n in names) + " |")
-    return lines
+    return lines + _ready_phases_table(d)
+
+
+def _ready_phases_table(d: dict[str, Any]) -> list[str]:
+    """Where each launcher's time-to-ready goes (the workers' own records), where known."""
+    rows = []
+    for key, per in d["configs"].items():
+        for n in _launchers(per):
+            m = per["summary"][n]
+            if m.get("torch_s", {}).get("n"):
+                cells = [
+                    _s(m[k].get("median"))
+                    for k in ("first_line_s", "torch_s", "init_s", "ready_s", "meet_s")
+                ]
+                rows.append(f"| {key} | {NAMES.get(n, n)} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        "Where it goes (median s since the launch, each step's last rank; the workers' own "
+        "records). *Meeting* is the last rank past `init_process_group` minus the last "
+        "`import torch`: the ranks meeting at rank 0's store.",
+        "",
+        "| hosts x processes | launcher | first line | torch imported "
+        "| past init_process_group | ready | meeting |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def _failure_table(d: dict[str, Any]) -> list[str]:

@@ -173,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
                 per = done[source]["configs"][key]
                 done["ready"]["configs"][key] = {
                     n: [
-                        {"run": r["run"], "ready_s": r.get("ready_s"), "from": source} for r in runs
+                        {
+                            "run": r["run"],
+                            "ready_s": r.get("ready_s"),
+                            **{k: r[k] for k in measure.PHASES if k in r},
+                            "from": source,
+                        }
+                        for r in runs
                     ]
                     for n, runs in per.items()
                 }

@@ -34,13 +34,20 @@ def _record(out: Path, name: str, **data: Any) -> None:
     os.replace(tmp, out / name)  # the harness never sees a half-written record
 
 
+PHASES: dict[str, float] = {}
+"""time.time() at each step of ``_init``: where a rank's time-to-ready goes."""
+
+
 def _init() -> Any:
     import torch
     import torch.distributed as dist
 
+    PHASES["torch"] = time.time()
     dist.init_process_group("gloo")
+    PHASES["init"] = time.time()
     t = torch.ones(1)
     dist.all_reduce(t)
+    PHASES["allreduce"] = time.time()
     return t
 
 
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "sigterm":
             _checkpoint_on_sigterm(out, rank, args.handler_s)
         _init()
-        _record(out, f"ready-{rank}")
+        _record(out, f"ready-{rank}", started=STARTED, phases=PHASES)
         if args.mode == "fail":
             if rank == args.fail_rank:
                 _record(out, f"raise-{rank}")
