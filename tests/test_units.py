@@ -12,6 +12,7 @@ from smdist import config
 from smdist.agent import topology
 from smdist.agent.store import StoreClient, StoreServer, StoreUnavailable
 from smdist.errors import ConfigError, RendezvousFailed
+from tests.helpers import free_port
 
 
 @pytest.mark.parametrize(
@@ -136,6 +137,27 @@ def test_store_client_gives_up_at_its_deadline() -> None:
         RendezvousFailed, match=f"cannot reach the rendezvous store of algo-1 at 127.0.0.1:{port}"
     ):
         StoreClient("127.0.0.1", port, 0.5, "algo-1", secret=SECRET)
+
+
+def test_a_store_client_started_before_its_master_connects_once_it_listens() -> None:
+    """Hosts start together and the master's store comes up a moment later: normal."""
+    port = free_port()
+    clients: list[StoreClient] = []
+    t = threading.Thread(
+        target=lambda: clients.append(StoreClient("127.0.0.1", port, 60, "algo-1", secret=SECRET)),
+        daemon=True,
+    )
+    t.start()
+    assert t.is_alive()  # nothing listens yet: it is retrying
+    server = StoreServer(port, secret=SECRET)
+    try:
+        t.join(60)
+        (client,) = clients
+        client.set("joined", "yes")
+        assert client.get("joined") == "yes"
+        client.close()
+    finally:
+        server.close()
 
 
 def test_on_a_gpu_host_the_worker_binds_its_local_rank_and_picks_nccl(

@@ -12,11 +12,14 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 from smdist.config import JobConfig
 from smdist.errors import ConfigError
 from smdist.records import dataclass
+
+TYPE_CHECKING = False  # not typing's: every host's agent imports this on its way to the rendezvous
+if TYPE_CHECKING:
+    from typing import Any
 
 SECRET_ENV = "SMDIST_JOB_SECRET"
 SECRET_FILE_ENV = "SMDIST_JOB_SECRET_FILE"

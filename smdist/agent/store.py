@@ -35,9 +35,12 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 from smdist.errors import RendezvousFailed
+
+TYPE_CHECKING = False  # not typing's: every host's agent imports this on its way to the rendezvous
+if TYPE_CHECKING:
+    from typing import Any
 
 log = logging.getLogger("smdist")
 
@@ -773,53 +776,57 @@ class StoreClient:
         return absent
 
 
+EARLY_RETRY_S = 0.02
+EARLY_PHASE_S = 2.0
+MAX_RETRY_S = 2.0
+
+
 def _connect(
     address: str, port: int, timeout_s: float, what: str, source: str | None = None
 ) -> socket.socket:
     """Connect, retrying while the master's store is not up yet (a master that starts a
-    moment later is normal: said every 5 s, not per try)."""
-    from tenacity import (
-        Retrying,
-        retry_if_exception_type,
-        stop_after_delay,
-        wait_exponential,
-        wait_random,
-    )
+    moment later is normal: said every 5 s, not per try).
 
-    last_note = [0.0]
+    Every ``EARLY_RETRY_S`` (plus up to as much again at random) for the first
+    ``EARLY_PHASE_S``, then backing off to ``MAX_RETRY_S``: hosts started together meet
+    within a few tens of milliseconds of the master's store listening, not after an
+    exponential backoff's overshoot, and a master that is late by minutes is not flooded.
+    A plain loop: tenacity (with typing, dataclasses and inspect) is not worth its import
+    on every host's way to the rendezvous."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    delay, last_note = EARLY_RETRY_S, 0.0
+    while True:
+        try:
+            sock = socket.create_connection(
+                (address, port),
+                timeout=5.0,
+                source_address=(source, 0) if source else None,
+            )
+            break
+        except OSError as exc:
+            import random  # only when the master is not up yet
 
-    def note(state: Any) -> None:
-        if state.seconds_since_start - last_note[0] < 5.0:
-            return
-        last_note[0] = state.seconds_since_start
-        log.info(
-            "waiting for the rendezvous store of %s at %s:%d (%.0f s of %.0f s): %s",
-            what,
-            address,
-            port,
-            state.seconds_since_start,
-            timeout_s,
-            state.outcome.exception(),
-        )
-
-    policy = Retrying(
-        stop=stop_after_delay(timeout_s),
-        wait=wait_exponential(multiplier=0.05, max=2.0) + wait_random(0, 0.05),
-        retry=retry_if_exception_type(OSError),
-        before_sleep=note,
-        reraise=True,
-    )
-    try:
-        sock: socket.socket = policy(
-            socket.create_connection,
-            (address, port),
-            timeout=5.0,
-            source_address=(source, 0) if source else None,
-        )
-    except OSError as exc:
-        raise RendezvousFailed(
-            f"cannot reach the rendezvous store of {what} at {address}:{port} "
-            f"after {timeout_s:.0f} s: {exc.strerror or exc}"
-        ) from exc
+            now = time.monotonic()
+            if now - started >= EARLY_PHASE_S:
+                delay = min(MAX_RETRY_S, delay * 2)
+            pause = delay + random.uniform(0, EARLY_RETRY_S)
+            if now + pause >= deadline:
+                raise RendezvousFailed(
+                    f"cannot reach the rendezvous store of {what} at {address}:{port} "
+                    f"after {timeout_s:.0f} s: {exc.strerror or exc}"
+                ) from exc
+            if now - started - last_note >= 5.0:
+                last_note = now - started
+                log.info(
+                    "waiting for the rendezvous store of %s at %s:%d (%.0f s of %.0f s): %s",
+                    what,
+                    address,
+                    port,
+                    now - started,
+                    timeout_s,
+                    exc,
+                )
+            time.sleep(pause)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
