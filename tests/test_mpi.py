@@ -318,6 +318,52 @@ def test_mpirun_command_for_two_hosts_forwards_no_per_host_values() -> None:
     assert mpi.forwarded_names(["-x", "NCCL_DEBUG=INFO", "-x", "FOO"]) == ["NCCL_DEBUG", "FOO"]
 
 
+def test_users_plm_rsh_args_join_smdists_ssh_arguments_not_replace_them() -> None:
+    key = mpi.JobKey(Path("/run/job/ssh/id_ed25519"), "ssh-ed25519 AAAA smdist-job")
+    user = ["--mca", "plm_rsh_args", "-o ServerAliveInterval=30  -v", "--mca", "btl", "self,tcp"]
+    argv = mpi.mpirun_argv(
+        [("algo-1", 1), ("algo-2", 1)],
+        ["python", "train.py"],
+        interface="eth0",
+        port=2222,
+        ssh_extra=f"{mpi.ssh_key_args(key)} -o Compression=yes",
+        custom=user,
+    )
+    values = [argv[i + 2] for i, a in enumerate(argv) if argv[i + 1 : i + 2] == ["plm_rsh_args"]]
+    # One value (Open MPI refuses two): the port and the job's key first (ssh keeps an
+    # option's first value), then SMDIST_SSH_ARGS, then the user's.
+    assert len(values) == 1, argv
+    assert values[0].startswith("-p 2222 -o StrictHostKeyChecking=no"), values
+    assert values[0].endswith(
+        "-i /run/job/ssh/id_ed25519 -o IdentitiesOnly=yes -o Compression=yes"
+        " -o ServerAliveInterval=30 -v"
+    ), values
+    assert "--mca btl self,tcp" in " ".join(argv)  # the user's other options are kept
+    # Open MPI 5's name for it merges the same way.
+    argv5 = mpi.mpirun_argv([("algo-1", 1)], ["x"], interface=None, port=22,
+                            custom=["-mca", "plm_ssh_args", "-4"])  # fmt: skip
+    assert "plm_ssh_args" not in argv5 and argv5[argv5.index("plm_rsh_args") + 1].endswith(" -4")
+
+
+@pytest.mark.parametrize("given", ["-p 2222", "-p2222", "-o Port=2222", "-oPort 2222"])
+def test_a_port_in_the_users_plm_rsh_args_is_refused_naming_the_way(
+    tmp_path: Path, given: str
+) -> None:
+    script = write_script(tmp_path / "never.py", "raise SystemExit('must not run')\n")
+    custom = f"--mca plm_rsh_args '-v {given}'"
+    opt_ml = make_tree(
+        tmp_path / "ml",
+        hyperparameters={"sagemaker_mpi_enabled": "true", mpi.CUSTOM_HP: custom},
+    )
+    r = run(["--opt-ml", str(opt_ml), str(script)], timeout=60)
+    assert r.returncode == 2, r.stderr
+    (first,) = (opt_ml / "output" / "failure").read_text().splitlines()[:1]
+    assert first.startswith(f"ConfigError: {opt_ml}/input/config/hyperparameters.json: "), first
+    assert f"sagemaker_mpi_custom_mpi_options: --mca plm_rsh_args '-v {given}' sets" in first
+    assert "set SMDIST_SSH_PORT instead" in first
+    assert "Traceback" not in r.stderr and "must not run" not in r.stderr
+
+
 def test_each_rank_gets_its_own_hosts_values_and_explicit_x_wins() -> None:
     launched = {  # what orted hands a rank on algo-2: the master's -x values
         "OMPI_COMM_WORLD_RANK": "3",
@@ -498,15 +544,20 @@ TCP_ONLY = {"sagemaker_mpi_custom_mpi_options": "--mca btl self,tcp"}
 
 
 def _start_two_hosts(
-    tmp_path: Path, script: Path, ssh_env: dict[str, str], *flags: str
+    tmp_path: Path,
+    script: Path,
+    ssh_env: dict[str, str],
+    *flags: str,
+    hyperparameters: dict[str, str] = TCP_ONLY,
 ) -> dict[str, subprocess.Popen[str]]:
     hosts = ["algo-1", "algo-2"]
     port = free_port()
+    hps = hyperparameters
     return {
         h: start(
             [
                 "--opt-ml",
-                str(make_tree(tmp_path / h, h, hosts, TCP_ONLY, resource_extra=LOOPBACK)),
+                str(make_tree(tmp_path / h, h, hosts, hps, resource_extra=LOOPBACK)),
                 "--rdzv-port",
                 str(port),
                 "--host-addresses",
@@ -524,8 +575,13 @@ def _start_two_hosts(
     }
 
 
-def _two_hosts(tmp_path: Path, script: Path, ssh_env: dict[str, str]) -> dict[str, Any]:
-    procs = _start_two_hosts(tmp_path, script, ssh_env)
+def _two_hosts(
+    tmp_path: Path,
+    script: Path,
+    ssh_env: dict[str, str],
+    hyperparameters: dict[str, str] = TCP_ONLY,
+) -> dict[str, Any]:
+    procs = _start_two_hosts(tmp_path, script, ssh_env, hyperparameters=hyperparameters)
     out = {}
     for h, p in procs.items():
         try:
@@ -540,9 +596,13 @@ def test_two_hosts_over_ssh_each_rank_sees_its_own_host(
     tmp_path: Path, job_ssh: dict[str, str]
 ) -> None:
     script = write_script(tmp_path / "allreduce.py", MPI4PY_ALLREDUCE)
-    results = _two_hosts(tmp_path, script, job_ssh)
+    # ssh options of the user's own: merged with the job key's, which still opens algo-2.
+    custom = TCP_ONLY[mpi.CUSTOM_HP] + " --mca plm_rsh_args '-o ServerAliveInterval=30'"
+    results = _two_hosts(tmp_path, script, job_ssh, {mpi.CUSTOM_HP: custom})
     for host, (code, _, stderr) in results.items():
         assert code == 0, f"{host}: {stderr}"
+    (logged,) = [ln for ln in results["algo-1"][2].splitlines() if "] mpirun: " in ln]
+    assert logged.count("plm_rsh_args") == 1 and "IdentitiesOnly=yes -o ServerAlive" in logged
     reports = {**_reports(tmp_path / "algo-1"), **_reports(tmp_path / "algo-2")}
     assert sorted(reports) == [0, 1, 2, 3]
     for rank, rep in reports.items():

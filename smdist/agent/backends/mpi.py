@@ -105,7 +105,50 @@ def mpi_options(config: JobConfig) -> MpiOptions:
         parts = tuple(shlex.split(custom))
     except ValueError as exc:
         raise ConfigError(where.format(f"{CUSTOM_HP}: cannot split {custom!r}: {exc}")) from exc
+    _, rsh_args = split_rsh_args(parts)
+    if _names_a_port(rsh_args.split()):
+        raise ConfigError(
+            where.format(
+                f"{CUSTOM_HP}: --mca plm_rsh_args {rsh_args!r} sets the ssh port, which ssh "
+                f"would ignore (smdist's -p comes first): set {SSH_PORT_ENV} instead"
+            )
+        )
     return MpiOptions(nproc, parts)
+
+
+RSH_ARGS_MCA = ("plm_rsh_args", "plm_ssh_args")  # Open MPI 4's name, Open MPI 5's
+
+
+def split_rsh_args(custom: Sequence[str]) -> tuple[list[str], str]:
+    """The user's options without their ``--mca plm_rsh_args VALUE``, and those VALUEs.
+
+    smdist merges them into its own ssh arguments instead of dropping its own for them:
+    Open MPI takes one value, and smdist's carries the port and the per-job key."""
+    rest: list[str] = []
+    values: list[str] = []
+    i = 0
+    while i < len(custom):
+        mca = custom[i] in ("--mca", "-mca") and i + 2 < len(custom)
+        if mca and custom[i + 1] in RSH_ARGS_MCA:
+            values.append(custom[i + 2])
+            i += 3
+            continue
+        rest.append(custom[i])
+        i += 1
+    return rest, " ".join(" ".join(values).split())
+
+
+def _names_a_port(ssh_args: Sequence[str]) -> bool:
+    """Whether ssh options set the port (``-p N``, ``-pN``, ``-o Port=N``, ``-oPort N``)."""
+    for i, arg in enumerate(ssh_args):
+        if arg.startswith("-p"):
+            return True
+        option = arg[2:] if arg.startswith("-o") else None
+        if option == "" and i + 1 < len(ssh_args):
+            option = ssh_args[i + 1]
+        if option is not None and re.match(r"port\b", option.strip(), re.IGNORECASE):
+            return True
+    return False
 
 
 def forwarded_names(custom: Sequence[str]) -> list[str]:
@@ -137,8 +180,10 @@ def mpirun_argv(
         f"-p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
         "-o BatchMode=yes -o LogLevel=ERROR -o ConnectTimeout=30"
     )
-    if ssh_extra.strip():
-        ssh_args += " " + " ".join(ssh_extra.split())
+    custom, user_ssh = split_rsh_args(custom)
+    for extra in (ssh_extra, user_ssh):  # after smdist's: ssh keeps an option's first value
+        if extra.strip():
+            ssh_args += " " + " ".join(extra.split())
     user_mca = {b for a, b in itertools.pairwise(custom) if a in ("--mca", "-mca")}
     user_flags = set(custom)
     argv = [mpirun]
