@@ -152,3 +152,18 @@ def test_simulated_agents_get_every_setting_the_simulation_does_not_choose() -> 
     for s in passed:
         assert child.values[s.dest] == getattr(parsed, s.dest), s.flag
         assert child.sources[s.dest] == s.flag, s.flag
+
+
+def test_every_setting_is_either_passed_to_simulated_agents_or_chosen_by_the_simulation() -> None:
+    """Given every flag, the simulated agents get exactly the rows the simulation does not
+    choose: none is dropped unless listed in SIMULATION_CHOOSES, none listed is passed."""
+    rows = {s.dest for s in settings.TABLE}
+    assert not settings.SIMULATION_CHOOSES - rows, "stale names in SIMULATION_CHOOSES"
+    args: list[str] = []
+    for s in settings.TABLE:
+        args += [s.flag] if s.parse is None else [s.flag, s.example_value()]
+    parsed = cli._parse("smdist-run", True, [*args, "train.py"])
+    assert isinstance(parsed, argparse.Namespace)
+    handed = set(cli._agent_flags(parsed))
+    for s in settings.TABLE:
+        assert (s.flag in handed) != (s.dest in settings.SIMULATION_CHOOSES), s.flag
