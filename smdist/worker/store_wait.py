@@ -155,7 +155,10 @@ class _Finder:
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
-            spec: ModuleSpec | None = finder.find_spec(name, path, target)
+            try:
+                spec: ModuleSpec | None = finder.find_spec(name, path, target)
+            except Exception:  # the import itself meets it next, as without this finder
+                return None
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
                     spec.loader = _Loader(spec.loader)  # type: ignore[assignment]
