@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -88,29 +89,51 @@ def start_hosts(
     *flags: str,
     started: Sequence[str] | None = None,
     resolve: str = "static",
+    addresses: Mapping[str, str] | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    resource_extra: Mapping[str, Any] | None = None,
+    prepare: Callable[[str, Path], object] | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    port: int | None = None,
 ) -> dict[str, subprocess.Popen[str]]:
-    """One real agent per host, each with its own /opt/ml tree under ``tmp_path/<host>``,
-    sharing a rendezvous port. Every tree lists all ``hosts``; only ``started`` (default
-    all) get an agent. ``resolve="static"`` maps every host to loopback (no DNS); else
-    pass ``--nameserver`` flags yourself."""
-    port = free_port()
-    how = ["--host-addresses", ",".join(f"{h}=127.0.0.1" for h in hosts)]
+    """One real agent per host (a job of separate agents, as on SageMaker), each with its own
+    /opt/ml tree under ``tmp_path/<host>``, sharing a rendezvous port. Every tree lists all
+    ``hosts`` (and ``hyperparameters``, ``resource_extra``); only ``started`` (default all)
+    get an agent. ``resolve="static"`` maps every host to ``addresses`` (default loopback,
+    no DNS); else pass ``--nameserver`` flags yourself. ``prepare(host, tree)`` runs before
+    that host's agent starts; ``extra_env`` is added to every agent's environment; ``port``:
+    the rendezvous port (default a free one)."""
+    port = port or free_port()
+    where = addresses or {h: "127.0.0.1" for h in hosts}
+    how = ["--host-addresses", ",".join(f"{h}={a}" for h, a in where.items())]
     if resolve != "static":
         how = []
-    return {
-        h: start(
-            [
-                "--opt-ml",
-                str(make_tree(tmp_path / h, h, hosts)),
-                "--rdzv-port",
-                str(port),
-                *how,
-                *flags,
-                str(script),
-            ]
-        )
-        for h in (started if started is not None else hosts)
-    }
+    agents = {}
+    for h in started if started is not None else hosts:
+        tree = make_tree(tmp_path / h, h, hosts, hyperparameters, resource_extra=resource_extra)
+        if prepare is not None:
+            prepare(h, tree)
+        args = ["--opt-ml", str(tree), "--rdzv-port", str(port), *how, *flags, str(script)]
+        agents[h] = start(args, **(extra_env or {}))
+    return agents
+
+
+def run_mpirun(
+    script: Path, environ: Mapping[str, str], timeout: float = 90
+) -> subprocess.CompletedProcess[str]:
+    """``mpirun -np 2 python script``, no smdist-run (as Horovod users start a job), allowed
+    to run as root; ``environ`` is the whole environment."""
+    mpirun = shutil.which("mpirun")
+    assert mpirun is not None, "Open MPI is missing: run launchers/install-mpi.sh"
+    e = {**environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    return subprocess.run(
+        [mpirun, "-np", "2", "--bind-to", "none", sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=e,
+        cwd=REPO,
+    )
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from smdist.worker import environment
 from smdist.worker.artifacts import Artifacts
 from smdist.worker.mpi_rank import world_from_mpi
-from tests.helpers import REPO, free_port, make_tree, run, write_script
+from tests.helpers import REPO, free_port, make_tree, run, run_mpirun, write_script
 
 REPORT = r"""
 import json, os, sys
@@ -142,20 +141,9 @@ def test_a_rank_started_by_torchrun(tmp_path: Path, script: Path) -> None:
 
 
 def test_a_rank_started_by_open_mpi(tmp_path: Path, script: Path) -> None:
-    mpirun = shutil.which("mpirun")
-    assert mpirun is not None, "Open MPI is missing: run launchers/install-mpi.sh"
     out = tmp_path / "out"
     out.mkdir()
-    e = clean_env(out, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    e["SMDIST_OPT_ML"] = str(make_tree(tmp_path / "opt_ml"))
-    r = subprocess.run(
-        [mpirun, "-np", "2", "--bind-to", "none", sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env=e,
-        cwd=REPO,
-    )
+    r = run_mpirun(script, clean_env(out, SMDIST_OPT_ML=str(make_tree(tmp_path / "opt_ml"))))
     assert r.returncode == 0, r.stdout + r.stderr
     got = reports(out)
     assert sorted(got) == [0, 1]

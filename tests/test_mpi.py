@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,13 +23,13 @@ from smdist.agent.backends import mpi
 from smdist.errors import ConfigError, RendezvousFailed
 from smdist.worker import mpi_rank
 from tests.helpers import (
-    REPO,
     env,
     free_port,
     make_tree,
     pid_alive,
     run,
-    start,
+    run_mpirun,
+    start_hosts,
     wait_for,
     write_script,
 )
@@ -146,19 +145,10 @@ def test_decorated_script_under_plain_mpirun_finds_its_peers(tmp_path: Path) -> 
     # Horovod-style `mpirun python train.py`, no smdist-run: the decorator must not relaunch,
     # and rank 0's MASTER_ADDR/PORT reach the others through mpi4py.
     script = write_script(tmp_path / "ddp.py", TORCH_DECORATOR.format(out=str(tmp_path)))
-    e = env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    e = env()
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "SMDIST_AGENT_PID"):
         e.pop(name, None)
-    mpirun = shutil.which("mpirun")
-    assert mpirun is not None, "Open MPI is missing: run launchers/install-mpi.sh"
-    r = subprocess.run(
-        [mpirun, "-np", "2", "--bind-to", "none", sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env=e,
-        cwd=REPO,
-    )
+    r = run_mpirun(script, e)
     assert r.returncode == 0, r.stdout + r.stderr
     reports = {
         int(f.stem.split("-")[1]): json.loads(f.read_text()) for f in tmp_path.glob("rank-*.json")
@@ -550,29 +540,16 @@ def _start_two_hosts(
     *flags: str,
     hyperparameters: dict[str, str] = TCP_ONLY,
 ) -> dict[str, subprocess.Popen[str]]:
-    hosts = ["algo-1", "algo-2"]
-    port = free_port()
-    hps = hyperparameters
-    return {
-        h: start(
-            [
-                "--opt-ml",
-                str(make_tree(tmp_path / h, h, hosts, hps, resource_extra=LOOPBACK)),
-                "--rdzv-port",
-                str(port),
-                "--host-addresses",
-                "algo-1=127.0.0.1,algo-2=127.0.0.2",
-                "--backend",
-                "mpi",
-                "--nproc-per-host",
-                "2",
-                *flags,
-                str(script),
-            ],
-            **ssh_env,
-        )
-        for h in hosts
-    }
+    return start_hosts(
+        tmp_path,
+        ["algo-1", "algo-2"],
+        script,
+        *("--backend", "mpi", "--nproc-per-host", "2", *flags),
+        addresses={"algo-1": "127.0.0.1", "algo-2": "127.0.0.2"},
+        hyperparameters=hyperparameters,
+        resource_extra=LOOPBACK,
+        extra_env=ssh_env,
+    )
 
 
 def _two_hosts(

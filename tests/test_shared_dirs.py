@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, env, free_port, make_tree, start, write_script
+from tests.helpers import REPO, env, start_hosts, write_script
 
 PROBES = """
 import sys
@@ -94,16 +94,12 @@ def _start_sharing(
 ) -> dict[str, subprocess.Popen[str]]:
     """One agent per host, each with its own /opt/ml tree; ``model_dirs[host]`` is where
     its /opt/ml/model really is (one directory for several hosts: a shared mount)."""
-    port = free_port()
-    addresses = ",".join(f"{h}=127.0.0.1" for h in hosts)
-    flags = ["--rdzv-port", str(port), "--host-addresses", addresses, str(script)]
-    agents = {}
-    for h in hosts:
-        root = make_tree(tmp_path / h, h, hosts)
-        model_dirs[h].mkdir(parents=True, exist_ok=True)
-        (root / "model").symlink_to(model_dirs[h], target_is_directory=True)
-        agents[h] = start(["--opt-ml", str(root), *flags])
-    return agents
+
+    def mount(host: str, root: Path) -> None:
+        model_dirs[host].mkdir(parents=True, exist_ok=True)
+        (root / "model").symlink_to(model_dirs[host], target_is_directory=True)
+
+    return start_hosts(tmp_path, hosts, script, prepare=mount)
 
 
 def test_a_model_dir_shared_by_two_hosts_keeps_a_slow_save_whole_and_warns_of_nothing(

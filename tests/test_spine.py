@@ -18,6 +18,7 @@ from tests.helpers import (
     pid_alive,
     run,
     start,
+    start_hosts,
     wait_for,
     write_script,
 )
@@ -115,15 +116,7 @@ def test_hosts_in_any_order_agree_and_algo_10_sorts_before_algo_2(tmp_path: Path
 
 def test_two_hosts_one_of_them_master_algo_10(tmp_path: Path) -> None:
     script = write_script(tmp_path / "env.py", ENV_SCRIPT)
-    port = free_port()
-    addresses = "algo-2=127.0.0.1,algo-10=127.0.0.1"
-    agents = []
-    for host, hosts in (("algo-2", ["algo-2", "algo-10"]), ("algo-10", ["algo-2", "algo-10"])):
-        root = make_tree(tmp_path / host, host, hosts)
-        agents.append(
-            start(["--opt-ml", str(root), "--rdzv-port", str(port), "--host-addresses",
-                   addresses, str(script)])
-        )  # fmt: skip
+    agents = list(start_hosts(tmp_path, ["algo-2", "algo-10"], script).values())
     errs = [a.communicate(timeout=60)[1] for a in agents]
     assert [a.returncode for a in agents] == [0, 0], errs
     rank0 = json.loads((tmp_path / "algo-10" / "output" / "data" / "rank-0.json").read_text())

@@ -26,10 +26,10 @@ from smdist import config as cfg
 from smdist.agent import access, store
 from smdist.agent.store import MAGIC, NONCE_BYTES, StoreClient, StoreRefused, StoreServer, _mac
 from smdist.errors import ConfigError, RendezvousFailed
-from tests.helpers import free_port, make_tree, start, wait_for, write_script
+from tests.helpers import free_port, make_tree, start_hosts, wait_for, write_script
 
 HOSTS = ["algo-1", "algo-2"]
-ADDRESSES = "algo-1=127.0.0.1,algo-2=127.0.0.2"
+ADDRESSES = {"algo-1": "127.0.0.1", "algo-2": "127.0.0.2"}
 OUTSIDER = "127.0.0.3"
 
 # Every rank says it is up, then waits (bounded) for the test's "go" and does a real
@@ -56,11 +56,11 @@ Agents = dict[str, "subprocess.Popen[str]"]
 def _start_job(tmp_path: Path, hyperparameters: dict[str, str]) -> tuple[Agents, int, bytes]:
     script = write_script(tmp_path / "job.py", WAIT_FOR_GO.format(out=str(tmp_path)))
     port = free_port()
-    trees = {h: make_tree(tmp_path / h, h, HOSTS, hyperparameters) for h in HOSTS}
-    flags = ["--rdzv-port", str(port), "--host-addresses", ADDRESSES]
-    agents = {h: start(["--opt-ml", str(tree), *flags, str(script)]) for h, tree in trees.items()}
+    agents = start_hosts(
+        tmp_path, HOSTS, script, port=port, addresses=ADDRESSES, hyperparameters=hyperparameters
+    )
     # The secret the agents derived (no SMDIST_JOB_SECRET given): the test may know it.
-    secret = access.job_secret(cfg.load(cfg.Paths(trees["algo-1"]))).key
+    secret = access.job_secret(cfg.load(cfg.Paths(tmp_path / "algo-1"))).key
     wait_for(lambda: all((tmp_path / f"up-{r}").exists() for r in range(2)), 90, "ranks up")
     return agents, port, secret
 
