@@ -206,21 +206,26 @@ def agents(n: int, port: int, lo: int, hi: int) -> int:
     return 0
 
 
+def _spawn(args: list[str]) -> subprocess.Popen[str]:
+    """``python -m bench.store_load ARGS`` with every stream a pipe (the master or agents)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.store_load", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+
+
 class _Proc:
     """A child process that answers each command with one JSON line (read by a thread,
     so every wait for an answer is bounded)."""
 
     def __init__(self, args: list[str], what: str) -> None:
         self.what = what
-        self.p = subprocess.Popen(
-            [sys.executable, "-m", "bench.store_load", *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        )
+        self.p = _spawn(args)
         self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.stderr: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -278,15 +283,7 @@ def job(n: int, ending: str, steady_s: float, procs: int) -> dict[str, Any]:
     """One simulated job of ``n`` hosts, ending at the exit barrier or with an abort: the
     master in one process, the other hosts spread over ``procs`` processes."""
     port = free_port()
-    master = subprocess.Popen(
-        [sys.executable, "-m", "bench.store_load", "--serve", str(n), str(port)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    )
+    master = _spawn(["--serve", str(n), str(port)])
     out: dict[str, Any] = {"n": n, "ending": ending, "agent_procs": procs}
     cuts = [1 + (n - 1) * k // procs for k in range(procs + 1)]
     workers: list[_Proc] = []
