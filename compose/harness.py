@@ -208,28 +208,41 @@ class Engine:
     def docker(self, *args: str, what: str, timeout: float = 600) -> str:
         return _run([docker_cli(), *args], what=what, env=self.env, timeout=timeout)
 
+    def unchecked(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """``docker ARGS`` whose failure is an answer, not an error (``kill`` of a container
+        that has already exited); output captured. Raises TimeoutExpired at ``timeout``."""
+        return subprocess.run(
+            [docker_cli(), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=timeout,
+            check=False,
+        )
+
+    def logs(self, cid: str) -> str:
+        """A container's whole log, stdout and stderr interleaved as it wrote them."""
+        return subprocess.run(
+            [docker_cli(), "logs", cid],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            timeout=60,
+            check=False,
+        ).stdout
+
     def alive(self) -> bool:
         try:
-            proc = subprocess.run(
-                [docker_cli(), "version", "--format", "{{.Server.Version}}"],
-                env=self.env,
-                capture_output=True,
-                timeout=10,
-                check=False,
-            )
+            proc = self.unchecked("version", "--format", "{{.Server.Version}}", timeout=10)
         except subprocess.TimeoutExpired:
             return False
         return proc.returncode == 0
 
     def image_exists(self, tag: str) -> bool:
-        proc = subprocess.run(
-            [docker_cli(), "image", "inspect", tag],
-            env=self.env,
-            capture_output=True,
-            timeout=30,
-            check=False,
-        )
-        return proc.returncode == 0
+        return self.unchecked("image", "inspect", tag, timeout=30).returncode == 0
 
     @classmethod
     def start(cls, state_dir: Path = STATE_DIR, log: Log = _log, timeout: float = 90) -> Engine:
@@ -858,34 +871,18 @@ class Harness:
                     except BaseException as exc:  # re-raised in the caller once the job ends
                         action_error.append(exc)
                         # The scenario is broken: end the job now, not at its timeout.
-                        subprocess.run(
-                            [docker_cli(), "kill", *job.ids.values()],
-                            env=env,
-                            capture_output=True,
-                            timeout=60,
-                            check=False,
-                        )
+                        self.engine.unchecked("kill", *job.ids.values())
 
                 action = threading.Thread(target=act, name=f"{name}-during", daemon=True)
                 action.start()
             try:
-                subprocess.run(
-                    [docker_cli(), "wait", *ids],
-                    env=env,
-                    capture_output=True,
-                    timeout=max(1.0, timeout - (time.monotonic() - t0)),
-                    check=False,
+                self.engine.unchecked(
+                    "wait", *ids, timeout=max(1.0, timeout - (time.monotonic() - t0))
                 )
             except subprocess.TimeoutExpired:
                 self.log(f"{name}: containers still running after {timeout:.0f}s; killing them")
                 for verb in ("kill", "wait"):  # exited ones just answer with an error
-                    subprocess.run(
-                        [docker_cli(), verb, *ids],
-                        env=env,
-                        capture_output=True,
-                        timeout=60,
-                        check=False,
-                    )
+                    self.engine.unchecked(verb, *ids)
             seconds = time.monotonic() - t0
             if action is not None:
                 action.join(timeout=60)
@@ -957,16 +954,7 @@ class Harness:
         )
         info = self.engine.docker("inspect", "-f", fmt, cid, what="docker inspect").strip()
         host, code, started, finished = info.split("|")
-        logs = subprocess.run(
-            [docker_cli(), "logs", cid],
-            env=self.engine.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            timeout=60,
-            check=False,
-        ).stdout
+        logs = self.engine.logs(cid)
         # Kept beside the host's model and output dirs: the job's record after teardown.
         (work / "hosts" / host / "container.log").write_text(logs)
         return HostResult(

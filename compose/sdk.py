@@ -304,9 +304,7 @@ class LocalMode:
     def _kill_containers(self) -> None:
         ids = self._containers()
         if ids:
-            subprocess.run(
-                [docker_cli(), "kill", *ids], env=self.engine.env, capture_output=True, check=False
-            )
+            self.engine.unchecked("kill", *ids)
 
     def _collect_containers(self) -> dict[str, str]:
         """host -> full `docker logs` of each container the job left behind; then remove them.
@@ -321,24 +319,9 @@ class LocalMode:
                 "inspect", "-f", '{{index .Config.Labels "com.docker.compose.service"}}', cid,
                 what="docker inspect",
             ).strip()  # fmt: skip
-            logs[host] = subprocess.run(
-                [docker_cli(), "logs", cid],
-                env=self.engine.env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                errors="replace",
-                timeout=60,
-                check=False,
-            ).stdout
+            logs[host] = self.engine.logs(cid)
         if ids:
-            subprocess.run(
-                [docker_cli(), "rm", "-f", *ids],
-                env=self.engine.env,
-                capture_output=True,
-                timeout=120,
-                check=False,
-            )
+            self.engine.unchecked("rm", "-f", *ids, timeout=120)
         return dict(sorted(logs.items()))
 
 
