@@ -13,6 +13,7 @@ Writes ``bench/results/resilience.json`` and prints a summary table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -53,9 +54,30 @@ def _run(argv: list[str], timeout_s: float) -> tuple[int, float]:
     try:
         code = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        # The whole tree: torchrun starts its ranks in sessions of their own, so killing
+        # its group left a run that never came back running for the rest of the benchmark.
+        tree = _tree(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         code = proc.wait()
     return code, time.time()
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid``'s descendants, from /proc (every thread's children)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+                found += kids
+                todo += kids
+    return found
 
 
 def _t(path: Path) -> float:
