@@ -136,7 +136,7 @@ def _dispatch(ns: argparse.Namespace, entry: list[str], base_dir: Path | None) -
     if ns.simulate:
         from smdist.agent import simulate
 
-        return simulate.run(ns.simulate, ns.work_dir, entry, _agent_flags(ns), ns.opt_ml)
+        return simulate.run(ns.simulate, ns.work_dir, entry, _agent_flags(ns), ns.opt_ml, main)
     from smdist.agent import run as agent
 
     timeline.mark("arguments parsed, agent imported")

@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from smdist import contract
@@ -61,9 +62,11 @@ def _import_agent() -> None:
     from smdist.agent import access, preflight, run, store, supervisor  # noqa: F401
 
 
-def _fork_agent(argv: list[str], env: dict[str, str], parent: int) -> int:
-    """Start one host's agent (``smdist-run ARGV`` with ``env``) as a fork of this process,
-    which has no thread yet; it dies with ``parent``. Returns its pid."""
+def _fork_agent(
+    agent: Callable[[list[str]], int], argv: list[str], env: dict[str, str], parent: int
+) -> int:
+    """Start one host's agent (``agent(ARGV)``, smdist-run's main, with ``env``) as a fork of
+    this process, which has no thread yet; it dies with ``parent``. Returns its pid."""
     dying = contract.exec_dying_with(parent)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -75,9 +78,7 @@ def _fork_agent(argv: list[str], env: dict[str, str], parent: int) -> int:
         dying()
         os.environ.clear()
         os.environ.update(env)
-        from smdist.agent import cli
-
-        code = cli.main(argv)
+        code = agent(argv)
     except SystemExit as exc:  # argparse's, or sys.exit in the agent: the same as a process
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
@@ -92,8 +93,14 @@ def _fork_agent(argv: list[str], env: dict[str, str], parent: int) -> int:
 
 
 def run(
-    spec: str, work_dir: str | None, entry: list[str], agent_flags: list[str], base: str | None
+    spec: str,
+    work_dir: str | None,
+    entry: list[str],
+    agent_flags: list[str],
+    base: str | None,
+    agent: Callable[[list[str]], int],
 ) -> int:
+    """``agent``: smdist-run's main, which each forked host runs with its own arguments."""
     setup("simulate")
     try:
         n_hosts, nproc = parse_spec(spec)
@@ -136,7 +143,7 @@ def run(
             "--host-addresses", addresses,
             *agent_flags, "--", *entry,
         ]  # fmt: skip
-        agents.append(_fork_agent(argv, child_env, me))
+        agents.append(_fork_agent(agent, argv, child_env, me))
 
     def forward(signum: int, _frame: object) -> None:
         for pid in agents:
