@@ -327,10 +327,12 @@ def _leave_process_group(*, meet: bool) -> None:
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_initialized():
         return
-    with contextlib.suppress(Exception):
-        if meet:
+    if meet:
+        with contextlib.suppress(Exception):
             dist.barrier()
-        dist.destroy_process_group()
+    from smdist.worker.bootstrap import release_process_groups
+
+    release_process_groups()  # what the bootstrap does after any script that ended well
 
 
 def main(fn: Callable[[Context], Any]) -> _Main:
