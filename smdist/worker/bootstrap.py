@@ -294,6 +294,12 @@ def release_process_groups() -> None:
             dist.destroy_process_group()
     except Exception as exc:  # the script's work is done: say so, never fail it here
         sys.stderr.write(f"smdist: destroying the process group at exit failed: {exc}\n")
+    # A DDP model kept alive by a reference cycle (a Trainer and its callbacks) still holds
+    # the group's backend: collected now, with the interpreter whole, not in its teardown
+    # (seen once in a transformers Trainer run under load: the same abort).
+    import gc
+
+    gc.collect()
 
 
 def main(argv: list[str] | None = None) -> None:
