@@ -335,23 +335,38 @@ def test_users_plm_rsh_args_join_smdists_ssh_arguments_not_replace_them() -> Non
     assert "plm_ssh_args" not in argv5 and argv5[argv5.index("plm_rsh_args") + 1].endswith(" -4")
 
 
-@pytest.mark.parametrize("given", ["-p 2222", "-p2222", "-o Port=2222", "-oPort 2222"])
+PORTS = ["-p 2222", "-p2222", "-o Port=2222", "-oPort 2222"]
+
+
+@pytest.mark.parametrize("given", PORTS)
 def test_a_port_in_the_users_plm_rsh_args_is_refused_naming_the_way(
     tmp_path: Path, given: str
 ) -> None:
-    script = write_script(tmp_path / "never.py", "raise SystemExit('must not run')\n")
     custom = f"--mca plm_rsh_args '-v {given}'"
-    opt_ml = make_tree(
-        tmp_path / "ml",
-        hyperparameters={"sagemaker_mpi_enabled": "true", mpi.CUSTOM_HP: custom},
-    )
-    r = run(["--opt-ml", str(opt_ml), str(script)], timeout=60)
-    assert r.returncode == 2, r.stderr
-    (first,) = (opt_ml / "output" / "failure").read_text().splitlines()[:1]
-    assert first.startswith(f"ConfigError: {opt_ml}/input/config/hyperparameters.json: "), first
+    first = _refused(tmp_path, {mpi.CUSTOM_HP: custom}, {})
+    assert first.startswith(f"ConfigError: {tmp_path}/ml/input/config/hyperparameters.json: ")
     assert f"sagemaker_mpi_custom_mpi_options: --mca plm_rsh_args '-v {given}' sets" in first
     assert "set SMDIST_SSH_PORT instead" in first
+
+
+@pytest.mark.parametrize("given", PORTS)
+def test_a_port_in_smdist_ssh_args_is_refused_naming_the_way(tmp_path: Path, given: str) -> None:
+    # Refused on one host too: a setting that fails only once the job has two hosts is worse.
+    first = _refused(tmp_path, {}, {"SMDIST_SSH_ARGS": f"-v {given}"})
+    assert first.startswith(f"ConfigError: SMDIST_SSH_ARGS='-v {given}' sets the ssh port"), first
+    assert first.endswith("set SMDIST_SSH_PORT instead (host algo-1)"), first
+
+
+def _refused(tmp_path: Path, hyperparameters: dict[str, str], environ: dict[str, str]) -> str:
+    """An MPI job that must fail before its script runs: the first line of its failure file."""
+    script = write_script(tmp_path / "never.py", "raise SystemExit('must not run')\n")
+    opt_ml = make_tree(
+        tmp_path / "ml", hyperparameters={"sagemaker_mpi_enabled": "true", **hyperparameters}
+    )
+    r = run(["--opt-ml", str(opt_ml), str(script)], timeout=60, **environ)
+    assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "must not run" not in r.stderr
+    return (opt_ml / "output" / "failure").read_text().splitlines()[0]
 
 
 def test_each_rank_gets_its_own_hosts_values_and_explicit_x_wins() -> None:

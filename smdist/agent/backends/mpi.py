@@ -106,14 +106,30 @@ def mpi_options(config: JobConfig) -> MpiOptions:
     except ValueError as exc:
         raise ConfigError(where.format(f"{CUSTOM_HP}: cannot split {custom!r}: {exc}")) from exc
     _, rsh_args = split_rsh_args(parts)
-    if _names_a_port(rsh_args.split()):
-        raise ConfigError(
-            where.format(
-                f"{CUSTOM_HP}: --mca plm_rsh_args {rsh_args!r} sets the ssh port, which ssh "
-                f"would ignore (smdist's -p comes first): set {SSH_PORT_ENV} instead"
-            )
-        )
+    if refused := port_refusal(rsh_args, f"--mca plm_rsh_args {rsh_args!r}"):
+        raise ConfigError(where.format(f"{CUSTOM_HP}: {refused}"))
     return MpiOptions(nproc, parts)
+
+
+def ssh_extra_args(environ: Mapping[str, str]) -> str:
+    """``SMDIST_SSH_ARGS``: ssh options added after smdist's own; never the port."""
+    text = environ.get(SSH_ARGS_ENV, "")
+    if refused := port_refusal(text, f"{SSH_ARGS_ENV}={text!r}"):
+        raise ConfigError(refused)
+    return text
+
+
+def port_refusal(ssh_args: str, what: str) -> str | None:
+    """Why ssh options the user added to smdist's may not set the port, or None if they don't.
+
+    smdist's ``-p SMDIST_SSH_PORT`` comes first and ssh keeps an option's first value; the
+    job's sshd on every host listens on that port."""
+    if not _names_a_port(ssh_args.split()):
+        return None
+    return (
+        f"{what} sets the ssh port, which ssh would ignore (smdist's -p comes first): "
+        f"set {SSH_PORT_ENV} instead"
+    )
 
 
 RSH_ARGS_MCA = ("plm_rsh_args", "plm_ssh_args")  # Open MPI 4's name, Open MPI 5's
@@ -600,6 +616,7 @@ class MpiBackend:
     def __init__(self, config: JobConfig) -> None:
         self.config = config
         self.options = mpi_options(config)  # parsed once; a bad value fails before the rendezvous
+        ssh_extra_args(os.environ)  # the same for SMDIST_SSH_ARGS, on every host
         self.sshd_port: int | None = None
         """The port of the job sshd this agent started or keyed (stopped by ``close``)."""
 
@@ -679,7 +696,7 @@ def _worker_specs(
         log.info("MPI: %s; mpirun on %s starts this host's ranks", done, layout.master)
         coordinator.publish(SSHD_READY_KEY + host, "1")
         return []
-    ssh_extra = base_env.get(SSH_ARGS_ENV, "")
+    ssh_extra = ssh_extra_args(base_env)
     if others:
         try:
             key = make_job_key(run_dir, base_env.get("PATH")) if _job_key(base_env) else None
