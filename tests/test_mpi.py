@@ -357,6 +357,19 @@ def test_a_port_in_smdist_ssh_args_is_refused_naming_the_way(tmp_path: Path, giv
     assert first.endswith("set SMDIST_SSH_PORT instead (host algo-1)"), first
 
 
+@pytest.mark.parametrize(
+    "given", ["--mca plm_rsh_agent rsh", "-mca orte_rsh_agent '/opt/launch.sh --fast'"]
+)
+def test_an_rsh_agent_that_is_not_ssh_is_refused_naming_the_way(tmp_path: Path, given: str) -> None:
+    # It would replace smdist's ssh, and with it the job's key and port: nothing would open
+    # the other hosts' job sshd (one host shows it: mpirun there uses no agent at all).
+    first = _refused(tmp_path, {mpi.CUSTOM_HP: f"--mca btl self,tcp {given}"}, {})
+    flag, name, value = given.split(" ", 2)
+    assert f"sagemaker_mpi_custom_mpi_options: {flag} {name} {value.strip(chr(39))!r}: " in first
+    assert "smdist starts the ranks over its own ssh (the job's key, SMDIST_SSH_PORT)" in first
+    assert first.endswith("with --mca plm_rsh_args or SMDIST_SSH_ARGS (host algo-1)"), first
+
+
 def _refused(tmp_path: Path, hyperparameters: dict[str, str], environ: dict[str, str]) -> str:
     """An MPI job that must fail before its script runs: the first line of its failure file."""
     script = write_script(tmp_path / "never.py", "raise SystemExit('must not run')\n")
@@ -589,12 +602,25 @@ def test_two_hosts_over_ssh_each_rank_sees_its_own_host(
 ) -> None:
     script = write_script(tmp_path / "allreduce.py", MPI4PY_ALLREDUCE)
     # ssh options of the user's own: merged with the job key's, which still opens algo-2.
-    custom = TCP_ONLY[mpi.CUSTOM_HP] + " --mca plm_rsh_args '-o ServerAliveInterval=30'"
+    # An ssh binary of the user's as the agent: it runs with smdist's arguments (the key).
+    ssh = shutil.which("ssh")
+    assert ssh is not None
+    custom = (
+        TCP_ONLY[mpi.CUSTOM_HP] + " --mca plm_rsh_args '-o ServerAliveInterval=30'"
+        f" --mca plm_rsh_agent {ssh}"
+    )
     results = _two_hosts(tmp_path, script, job_ssh, {mpi.CUSTOM_HP: custom})
     for host, (code, _, stderr) in results.items():
         assert code == 0, f"{host}: {stderr}"
     (logged,) = [ln for ln in results["algo-1"][2].splitlines() if "] mpirun: " in ln]
     assert logged.count("plm_rsh_args") == 1 and "IdentitiesOnly=yes -o ServerAlive" in logged
+    assert logged.count("plm_rsh_agent") == 1 and f"--mca plm_rsh_agent {ssh} " in logged
+    # Where each of the user's options went, in one line before mpirun's.
+    assert (
+        "MPI: from sagemaker_mpi_custom_mpi_options: --mca btl self,tcp (in place of smdist's "
+        "^openib) --mca plm_rsh_args '-o ServerAliveInterval=30' (after smdist's ssh arguments)"
+        f" --mca plm_rsh_agent {ssh} (with smdist's ssh arguments)"
+    ) in results["algo-1"][2]
     reports = {**_reports(tmp_path / "algo-1"), **_reports(tmp_path / "algo-2")}
     assert sorted(reports) == [0, 1, 2, 3]
     for rank, rep in reports.items():

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -105,9 +105,18 @@ def mpi_options(config: JobConfig) -> MpiOptions:
         parts = tuple(shlex.split(custom))
     except ValueError as exc:
         raise ConfigError(where.format(f"{CUSTOM_HP}: cannot split {custom!r}: {exc}")) from exc
-    _, rsh_args = split_rsh_args(parts)
-    if refused := port_refusal(rsh_args, f"--mca plm_rsh_args {rsh_args!r}"):
-        raise ConfigError(where.format(f"{CUSTOM_HP}: {refused}"))
+    for param in user_mca(parts):
+        refused = None
+        if param.name in RSH_ARGS_MCA:
+            refused = port_refusal(param.value, f"{param.flag} {param.name} {param.value!r}")
+        elif param.name in RSH_AGENT_MCA and not _is_ssh(param.value):
+            refused = (
+                f"{param.flag} {param.name} {param.value!r}: smdist starts the ranks over its "
+                f"own ssh (the job's key, {SSH_PORT_ENV}): leave the agent out (or name an ssh "
+                f"binary) and add ssh options with --mca plm_rsh_args or {SSH_ARGS_ENV}"
+            )
+        if refused:
+            raise ConfigError(where.format(f"{CUSTOM_HP}: {refused}"))
     return MpiOptions(nproc, parts)
 
 
@@ -132,26 +141,94 @@ def port_refusal(ssh_args: str, what: str) -> str | None:
     )
 
 
+MCA_FLAGS = ("--mca", "-mca")
+"""How an MCA parameter is set on mpirun's command line: ``FLAG NAME VALUE``."""
 RSH_ARGS_MCA = ("plm_rsh_args", "plm_ssh_args")  # Open MPI 4's name, Open MPI 5's
+RSH_AGENT_MCA = ("plm_rsh_agent", "plm_ssh_agent", "orte_rsh_agent", "pls_rsh_agent")
+"""Open MPI 4's name, Open MPI 5's, and Open MPI 4's older synonyms for it."""
 
 
-def split_rsh_args(custom: Sequence[str]) -> tuple[list[str], str]:
-    """The user's options without their ``--mca plm_rsh_args VALUE``, and those VALUEs.
+@dataclass(frozen=True)
+class Mca:
+    """One MCA parameter in the user's options, as they wrote it."""
 
-    smdist merges them into its own ssh arguments instead of dropping its own for them:
-    Open MPI takes one value, and smdist's carries the port and the per-job key."""
-    rest: list[str] = []
-    values: list[str] = []
+    flag: str
+    name: str
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.flag} {self.name} {shlex.quote(self.value)}"
+
+
+SMDIST_MCA = (
+    ("orte_abort_on_non_zero_status", "1"),
+    ("plm_rsh_no_tree_spawn", "1"),
+    ("pml", "ob1"),
+    ("btl", "^openib"),
+)
+"""smdist's MCA parameters besides the ssh ones and the interface's: a user's replaces one."""
+INTERFACE_MCA = ("btl_tcp_if_include", "oob_tcp_if_include")
+
+
+def _walk(custom: Sequence[str]) -> Iterator[str | Mca]:
+    """The user's options one by one, an MCA parameter as one ``Mca``."""
     i = 0
     while i < len(custom):
-        mca = custom[i] in ("--mca", "-mca") and i + 2 < len(custom)
-        if mca and custom[i + 1] in RSH_ARGS_MCA:
-            values.append(custom[i + 2])
+        if custom[i] in MCA_FLAGS and i + 2 < len(custom):
+            yield Mca(custom[i], custom[i + 1], custom[i + 2])
             i += 3
-            continue
-        rest.append(custom[i])
-        i += 1
-    return rest, " ".join(" ".join(values).split())
+        else:
+            yield custom[i]
+            i += 1
+
+
+def user_mca(custom: Sequence[str]) -> list[Mca]:
+    """The MCA parameters in the user's options, in their order."""
+    return [p for p in _walk(custom) if isinstance(p, Mca)]
+
+
+def split_mca(custom: Sequence[str], names: Sequence[str]) -> tuple[list[str], list[Mca]]:
+    """The user's options without their MCA parameters named ``names``, and those.
+
+    smdist merges the ssh ones into its own (``plm_rsh_args``, ``plm_rsh_agent``) instead of
+    dropping its own for them: Open MPI takes one value, and smdist's carries the port and
+    the per-job key."""
+    rest: list[str] = []
+    taken: list[Mca] = []
+    for p in _walk(custom):
+        if isinstance(p, str):
+            rest.append(p)
+        elif p.name in names:
+            taken.append(p)
+        else:
+            rest += [p.flag, p.name, p.value]
+    return rest, taken
+
+
+def describe_custom(custom: Sequence[str]) -> str:
+    """The user's options for the log, each MCA parameter with what it does to smdist's."""
+    defaults = dict(SMDIST_MCA)
+    said = []
+    for p in _walk(custom):
+        if isinstance(p, str):
+            said.append(shlex.quote(p))
+        elif p.name in RSH_ARGS_MCA:
+            said.append(f"{p} (after smdist's ssh arguments)")
+        elif p.name in RSH_AGENT_MCA:
+            said.append(f"{p} (with smdist's ssh arguments)")
+        elif p.name in defaults:
+            said.append(f"{p} (in place of smdist's {defaults[p.name]})")
+        elif p.name in INTERFACE_MCA:
+            said.append(f"{p} (in place of network_interface_name's)")
+        else:
+            said.append(str(p))
+    return " ".join(said)
+
+
+def _is_ssh(agent: str) -> bool:
+    """Whether ``plm_rsh_agent``'s value is one ssh binary (``ssh``, ``/usr/bin/ssh``)."""
+    words = agent.split()
+    return len(words) == 1 and os.path.basename(words[0]) == "ssh"
 
 
 def _names_a_port(ssh_args: Sequence[str]) -> bool:
@@ -196,11 +273,12 @@ def mpirun_argv(
         f"-p {port} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
         "-o BatchMode=yes -o LogLevel=ERROR -o ConnectTimeout=30"
     )
-    custom, user_ssh = split_rsh_args(custom)
-    for extra in (ssh_extra, user_ssh):  # after smdist's: ssh keeps an option's first value
+    custom, user_ssh = split_mca(custom, RSH_ARGS_MCA)
+    custom, agents = split_mca(custom, RSH_AGENT_MCA)  # an ssh of the user's (mpi_options)
+    for extra in (ssh_extra, *(p.value for p in user_ssh)):  # ssh keeps an option's first value
         if extra.strip():
             ssh_args += " " + " ".join(extra.split())
-    user_mca = {b for a, b in itertools.pairwise(custom) if a in ("--mca", "-mca")}
+    user_set = {p.name for p in user_mca(custom)}
     user_flags = set(custom)
     argv = [mpirun]
     if as_root:
@@ -212,17 +290,14 @@ def mpirun_argv(
             argv += [flag, value]
     argv.append("--tag-output")
     mca = [
-        ("orte_abort_on_non_zero_status", "1"),
-        ("plm_rsh_agent", "ssh"),
+        ("plm_rsh_agent", agents[-1].value if agents else "ssh"),
         ("plm_rsh_args", ssh_args),
-        ("plm_rsh_no_tree_spawn", "1"),
-        ("pml", "ob1"),
-        ("btl", "^openib"),
+        *SMDIST_MCA,
     ]
     if interface is not None:
-        mca += [("btl_tcp_if_include", interface), ("oob_tcp_if_include", interface)]
+        mca += [(name, interface) for name in INTERFACE_MCA]
     for name, value in mca:
-        if name not in user_mca:  # Open MPI refuses a parameter given twice: the user's wins
+        if name not in user_set:  # Open MPI refuses a parameter given twice: the user's wins
             argv += ["--mca", name, value]
     for name in forward:
         argv += ["-x", name]
@@ -749,6 +824,8 @@ def _worker_specs(
         as_root=os.geteuid() == 0,
         mpirun=mpirun,
     )
+    if opts.custom:
+        log.info("MPI: from %s: %s", CUSTOM_HP, describe_custom(opts.custom))
     log.info("mpirun: %s", shlex.join(argv))
     error_file = contract.RunDir(run_dir).launcher_error_file
     launcher = [
