@@ -338,15 +338,51 @@ def test_users_plm_rsh_args_join_smdists_ssh_arguments_not_replace_them() -> Non
 PORTS = ["-p 2222", "-p2222", "-o Port=2222", "-oPort 2222"]
 
 
-@pytest.mark.parametrize("given", PORTS)
+@pytest.mark.parametrize(
+    ("option", "given"),
+    [("--mca plm_rsh_args", given) for given in PORTS]
+    # Open MPI 5's flags for its runtime's and PMIx's parameters, and Open MPI 4's global one.
+    + [
+        (o, "-p 2222")
+        for o in ("--prtemca plm_ssh_args", "-pmixmca plm_rsh_args", "-gmca plm_rsh_args")
+    ],
+)
 def test_a_port_in_the_users_plm_rsh_args_is_refused_naming_the_way(
-    tmp_path: Path, given: str
+    tmp_path: Path, option: str, given: str
 ) -> None:
-    custom = f"--mca plm_rsh_args '-v {given}'"
+    custom = f"{option} '-v {given}'"
     first = _refused(tmp_path, {mpi.CUSTOM_HP: custom}, {})
     assert first.startswith(f"ConfigError: {tmp_path}/ml/input/config/hyperparameters.json: ")
-    assert f"sagemaker_mpi_custom_mpi_options: --mca plm_rsh_args '-v {given}' sets" in first
+    assert f"sagemaker_mpi_custom_mpi_options: {option} '-v {given}' sets" in first
     assert "set SMDIST_SSH_PORT instead" in first
+
+
+def test_open_mpi_5s_prtemca_and_pmixmca_are_read_as_mca_is() -> None:
+    # The command only: this machine's Open MPI 4.1 mpirun refuses --prtemca and --pmixmca
+    # ("unknown option"), so no real run; the refusals above run the real agent.
+    user = [
+        "--prtemca", "plm_ssh_args", "-o ServerAliveInterval=30",
+        "--prtemca", "plm_ssh_no_tree_spawn", "0",
+        "--pmixmca", "pmix_mca_gds", "hash",
+        "-gmca", "btl", "self,tcp",
+        "-x", "NCCL_DEBUG",
+    ]  # fmt: skip
+    argv = mpi.mpirun_argv([("algo-1", 1), ("algo-2", 1)], ["x"], interface="lo", port=22,
+                           custom=user)  # fmt: skip
+    # The user's ssh options join smdist's (the key and port stay), as with --mca.
+    assert "plm_ssh_args" not in argv
+    (ssh_args,) = [argv[i + 1] for i, a in enumerate(argv) if a == "plm_rsh_args"]
+    assert ssh_args.startswith("-p 22 ") and ssh_args.endswith(" -o ServerAliveInterval=30")
+    # A parameter the user sets replaces smdist's, under either Open MPI's name for it.
+    assert "plm_rsh_no_tree_spawn" not in argv and "^openib" not in argv
+    tail = argv[argv.index("lo", argv.index("oob_tcp_if_include")) + 1 :]
+    assert tail == [*user[3:], "x"]  # the rest as given, after smdist's
+    described = mpi.describe_custom(user)
+    assert described.startswith(
+        "--prtemca plm_ssh_args '-o ServerAliveInterval=30' (after smdist's ssh arguments) "
+        "--prtemca plm_ssh_no_tree_spawn 0 (in place of smdist's 1) "
+        "--pmixmca pmix_mca_gds hash -gmca btl self,tcp (in place of smdist's ^openib)"
+    ), described
 
 
 @pytest.mark.parametrize("given", PORTS)
@@ -358,7 +394,12 @@ def test_a_port_in_smdist_ssh_args_is_refused_naming_the_way(tmp_path: Path, giv
 
 
 @pytest.mark.parametrize(
-    "given", ["--mca plm_rsh_agent rsh", "-mca orte_rsh_agent '/opt/launch.sh --fast'"]
+    "given",
+    [
+        "--mca plm_rsh_agent rsh",
+        "-mca orte_rsh_agent '/opt/launch.sh --fast'",
+        "--prtemca plm_ssh_agent rsh",  # Open MPI 5's flag and name
+    ],
 )
 def test_an_rsh_agent_that_is_not_ssh_is_refused_naming_the_way(tmp_path: Path, given: str) -> None:
     # It would replace smdist's ssh, and with it the job's key and port: nothing would open

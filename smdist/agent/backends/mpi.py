@@ -141,8 +141,9 @@ def port_refusal(ssh_args: str, what: str) -> str | None:
     )
 
 
-MCA_FLAGS = ("--mca", "-mca")
-"""How an MCA parameter is set on mpirun's command line: ``FLAG NAME VALUE``."""
+MCA_FLAGS = ("--mca", "-mca", "--gmca", "-gmca", "--prtemca", "-prtemca", "--pmixmca", "-pmixmca")
+"""How an MCA parameter is set on mpirun's command line, ``FLAG NAME VALUE``: Open MPI 4's
+flags and Open MPI 5's for its runtime's (PRRTE's) and PMIx's parameters."""
 RSH_ARGS_MCA = ("plm_rsh_args", "plm_ssh_args")  # Open MPI 4's name, Open MPI 5's
 RSH_AGENT_MCA = ("plm_rsh_agent", "plm_ssh_agent", "orte_rsh_agent", "pls_rsh_agent")
 """Open MPI 4's name, Open MPI 5's, and Open MPI 4's older synonyms for it."""
@@ -216,13 +217,18 @@ def describe_custom(custom: Sequence[str]) -> str:
             said.append(f"{p} (after smdist's ssh arguments)")
         elif p.name in RSH_AGENT_MCA:
             said.append(f"{p} (with smdist's ssh arguments)")
-        elif p.name in defaults:
-            said.append(f"{p} (in place of smdist's {defaults[p.name]})")
+        elif (name := _open_mpi_4_name(p.name)) in defaults:
+            said.append(f"{p} (in place of smdist's {defaults[name]})")
         elif p.name in INTERFACE_MCA:
             said.append(f"{p} (in place of network_interface_name's)")
         else:
             said.append(str(p))
     return " ".join(said)
+
+
+def _open_mpi_4_name(name: str) -> str:
+    """Open MPI 5 calls the ``plm_rsh_*`` parameters ``plm_ssh_*``: one parameter, two names."""
+    return "plm_rsh_" + name.removeprefix("plm_ssh_") if name.startswith("plm_ssh_") else name
 
 
 def _is_ssh(agent: str) -> bool:
@@ -278,7 +284,7 @@ def mpirun_argv(
     for extra in (ssh_extra, *(p.value for p in user_ssh)):  # ssh keeps an option's first value
         if extra.strip():
             ssh_args += " " + " ".join(extra.split())
-    user_set = {p.name for p in user_mca(custom)}
+    user_set = {_open_mpi_4_name(p.name) for p in user_mca(custom)}
     user_flags = set(custom)
     argv = [mpirun]
     if as_root:
