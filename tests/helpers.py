@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-SMDIST = [sys.executable, "-m", "smdist.agent.cli"]
+SMDIST = [sys.executable, "-m", "smdist.agent.launch"]
 TRAIN = [
     sys.executable,
     "-c",

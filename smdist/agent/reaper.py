@@ -39,6 +39,12 @@ def spawning() -> Iterator[set[int]]:
         yield _own
 
 
+def adopt(pid: int) -> None:
+    """``pid`` is a worker started outside :func:`spawning` (before any reaping began)."""
+    with _lock:
+        _own.add(pid)
+
+
 def forget(pid: int) -> None:
     """The worker ``pid`` has been waited for: its number may be reused by an orphan."""
     with _lock:

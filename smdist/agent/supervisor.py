@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from smdist import contract, records, timeline
-from smdist.agent import hang, reaper, stages
+from smdist.agent import hang, reaper, stages, standby
 from smdist.agent.rendezvous import Coordinator, JobEvent
 from smdist.contract import STACK_DUMP_SIGNAL
 from smdist.log import log
@@ -323,17 +323,20 @@ class Supervisor:
                 counter = hang.open_counter(spec.error_file.parent, spec.rank, spec.local_rank)
                 env = dict(env, **{contract.STEPS_FILE_ENV: str(counter.counter.path)})
                 self.tick_at = time.monotonic() + self._tick_s()
-            with reaper.spawning() as own:  # its own session: registered before it can exit
-                proc = subprocess.Popen(
-                    spec.argv,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,
-                    preexec_fn=contract.exec_dying_with(me),
-                )
-                own.add(proc.pid)
+            # The first rank may already have its interpreter, started with the agent.
+            proc = standby.take(spec.argv, env) if not self.workers else None
+            if proc is None:
+                with reaper.spawning() as own:  # its own session: registered before it exits
+                    proc = subprocess.Popen(
+                        spec.argv,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        start_new_session=True,
+                        preexec_fn=contract.exec_dying_with(me),
+                    )
+                    own.add(proc.pid)
             timeline.mark(f"rank {spec.rank} spawned")
             w = Worker(spec, proc, steps=counter)
             prefix = f"[{self.host}/{spec.rank}] ".encode() if spec.prefix else b""

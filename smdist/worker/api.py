@@ -276,7 +276,7 @@ def init(*, timeout_s: float | None = None) -> Context:
 def _relaunch() -> None:
     """No launcher: become ``smdist-run THIS_SCRIPT ARGS`` (same process, same pid)."""
     script = os.path.abspath(sys.argv[0])
-    argv = [sys.executable, "-m", "smdist.agent.cli", script, *sys.argv[1:]]
+    argv = [sys.executable, "-m", "smdist.agent.launch", script, *sys.argv[1:]]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)
