@@ -85,7 +85,7 @@ def _t(path: Path) -> float:
 
 
 def _smdist(hosts: int, nproc: int, work: Path, *flags: str) -> list[str]:
-    cli = [sys.executable, "-m", "smdist.agent.cli"]
+    cli = [sys.executable, "-m", "smdist.agent.launch"]  # smdist-run
     if hosts == 1:
         tree = work / "opt_ml"
         (tree / "input" / "config").mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -182,7 +183,7 @@ def test_a_closed_order_pipe_ends_the_standby_quietly(tmp_path: Path) -> None:
     r, w = os.pipe()
     os.close(w)
     done = subprocess.run(
-        [sys.executable, "-m", "smdist.worker.standby", str(r)],
+        [sys.executable, "-m", "smdist.worker.standby", str(r), str(os.getpid())],
         pass_fds=(r,),
         capture_output=True,
         env=env(),
@@ -190,3 +191,29 @@ def test_a_closed_order_pipe_ends_the_standby_quietly(tmp_path: Path) -> None:
     )
     os.close(r)
     assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+
+
+AGENT = """\
+import sys
+from smdist.agent import standby
+standby.start(["train.py"])
+print(standby._standby.proc.pid, flush=True)
+sys.stdin.read()  # until the test kills this 'agent'
+"""
+
+
+def test_a_waiting_standby_dies_with_its_agent() -> None:
+    agent = subprocess.Popen(
+        [sys.executable, "-c", AGENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env()
+    )
+    assert agent.stdout is not None
+    pid = int(agent.stdout.readline())
+    pidfd = os.pidfd_open(pid)
+    try:
+        agent.kill()  # SIGKILL: nothing of the agent's own runs
+        agent.wait(timeout=30)
+        # Its death is an event: the pidfd turns readable when the standby is gone.
+        ready, _, _ = select.select([pidfd], [], [], 60)
+        assert ready, f"the standby {pid} outlived its agent"
+    finally:
+        os.close(pidfd)

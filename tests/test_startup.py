@@ -120,9 +120,22 @@ def test_the_bootstrap_imports_nothing_extra_before_the_users_first_line(tmp_pat
         "late = {'socket', 'sysconfig', 'typing', 'pkgutil', 'ctypes', 'smdist.config'}\n"
         "print('early:', sorted(late & set(sys.modules)))\n"
     )
-    r = _one_host_job(tmp_path, script)
+    # Without the standby interpreter (ranks 1.. start so; rank 0's start-up is then on
+    # the job's path)...
+    root = make_tree(tmp_path / "ml")
+    entry = tmp_path / "train.py"
+    entry.write_text(script)
+    r = subprocess.run(
+        [*SMDIST, "--opt-ml", str(root), "--nproc-per-host", "2", str(entry)],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "[algo-1/0] early: []" in r.stdout
+    assert "[algo-1/1] early: []" in r.stdout
+    # ... and in it, where ctypes (its parent-death request) was loaded while it waited.
+    assert "[algo-1/0] early: ['ctypes']" in r.stdout
 
 
 def test_a_failure_record_still_has_everything_after_the_lazy_imports(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@
 A one-host job's time-to-ready is the agent's start-up followed by its first rank's: an
 interpreter, the bootstrap's imports, then the script's own ``import torch``. The rank's
 start-up needs no plan, only the interpreter. So ``smdist-run`` and ``train`` start one
-first thing, ``python -m smdist.worker.standby FD``, which imports the bootstrap and then
+first thing, ``python -m smdist.worker.standby FD AGENT_PID``, which imports the bootstrap and then
 waits on a pipe while the agent reads the config, resolves hosts and builds environments.
 The supervisor hands it the first rank's arguments, environment and working directory
 (:func:`take`) instead of starting another interpreter: on two cores the two start-ups run
@@ -15,8 +15,8 @@ this interpreter (``sys.executable``), and no variable read while an interpreter
 ``GLIBC_TUNABLES``, ``TZ``) differs between the agent's environment at launch and the
 rank's. Otherwise it is ended and the rank starts in a new interpreter, as every other rank
 does; ``--check``, ``--simulate`` and ``SMDIST_STANDBY=0`` start none. Its wait is bounded by
-the agent's life: the agent closing the pipe ends it, and it dies with the agent
-(PR_SET_PDEATHSIG).
+the agent's life: the pipe's end closes with the agent (no other process holds it), and it
+asks for the parent-death signal (PR_SET_PDEATHSIG) itself while it waits.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 
-from smdist import contract, timeline
+from smdist import timeline
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -79,13 +79,14 @@ def start(args: Sequence[str]) -> None:
     read_fd, order_fd = os.pipe()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", MODULE, str(read_fd)],
+            [sys.executable, "-m", MODULE, str(read_fd), str(os.getpid())],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,  # as every rank: its own group, signalled as one
             pass_fds=(read_fd,),
-            preexec_fn=contract.exec_dying_with(os.getpid()),
+            # No preexec_fn (it would cost a fork instead of a vfork, and ctypes here): the
+            # standby asks for its parent-death signal itself, first thing.
         )
     except OSError:
         os.close(order_fd)

@@ -1,4 +1,4 @@
-"""``python -m smdist.worker.standby FD``: a rank's interpreter, started before its job.
+"""``python -m smdist.worker.standby FD AGENT_PID``: a rank's interpreter, started before its job.
 
 The agent starts this first thing (see ``smdist/agent/standby.py``): it imports the
 bootstrap, then reads its order from the pipe ``FD``: the bootstrap's arguments, the rank's
@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+from smdist import contract
 from smdist.worker import bootstrap  # the rank's own imports, done while the agent plans
 
 
@@ -28,7 +29,12 @@ def _read_order(fd: int) -> bytes:
 
 
 def main() -> None:
-    data = _read_order(int(sys.argv[1]))
+    order_fd, agent = int(sys.argv[1]), int(sys.argv[2])
+    # Dies with the agent, as every rank (started without a preexec_fn: the agent's start
+    # stays a vfork and imports no ctypes). Gone already: it will never have an order.
+    if not contract.die_with_parent(agent):
+        raise SystemExit(0)
+    data = _read_order(order_fd)
     if not data:
         raise SystemExit(0)
     order = json.loads(data)
