@@ -42,6 +42,7 @@ print("sees " + json.dumps({
     "pid": os.getpid(), "argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(),
     "name": __name__, "rank": os.environ.get("RANK"), "world": os.environ.get("WORLD_SIZE"),
     "launch": os.environ.get("FROM_LAUNCH"), "steps": os.environ.get("SMDIST_STEPS_FILE"),
+    "ps": open("/proc/self/cmdline").read().split("\\0"),
     "c_rank": getenv(b"RANK").decode(), "c_launch": (getenv(b"FROM_LAUNCH") or b"").decode(),
 }))
 """
@@ -70,6 +71,9 @@ def test_the_first_rank_runs_in_the_interpreter_started_at_launch(tmp_path: Path
     assert (seen["rank"], seen["world"], seen["launch"]) == ("0", "1", "yes")
     assert (seen["c_rank"], seen["c_launch"]) == ("0", "yes")
     assert seen["steps"]  # the agent's per-rank variables reached it
+    # `ps` shows it as started: the standby, with the command line it was started for.
+    ps = seen["ps"]
+    assert isinstance(ps, list) and "smdist.worker.standby" in ps and entry in ps
 
 
 def test_a_failing_rank_in_the_standby_is_reported_as_any_rank(tmp_path: Path) -> None:

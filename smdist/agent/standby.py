@@ -79,7 +79,9 @@ def start(args: Sequence[str]) -> None:
     read_fd, order_fd = os.pipe()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", MODULE, str(read_fd), str(os.getpid())],
+            # The command line's arguments after the two it reads: only for `ps` (which
+            # shows rank 0 as the standby it was started as), as the agent's own show them.
+            [sys.executable, "-m", MODULE, str(read_fd), str(os.getpid()), *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

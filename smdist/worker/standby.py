@@ -1,4 +1,5 @@
-"""``python -m smdist.worker.standby FD AGENT_PID``: a rank's interpreter, started before its job.
+"""``python -m smdist.worker.standby FD AGENT_PID [ARGS]``: a rank's interpreter, started
+before its job (ARGS: the agent's own, shown by ``ps``, unread).
 
 The agent starts this first thing (see ``smdist/agent/standby.py``): it imports the
 bootstrap, then reads its order from the pipe ``FD``: the bootstrap's arguments, the rank's
