@@ -84,6 +84,22 @@ def test_missing_modules_in_script_and_local_module(code: Path, opt_ml: Paths) -
     assert table.splitlines()[-1] == "1 check(s) failed (MissingDependency): the job would fail."
 
 
+def test_the_scripts_own_modules_are_not_missing_ones(code: Path, opt_ml: Paths) -> None:
+    # Local: a module file, a package, a namespace directory and compiled extensions (their
+    # names are not installed anywhere, so the check would fail on any it took for missing).
+    write(code / "mylocal.py", "")
+    write(code / "mypkg" / "__init__.py", "")
+    (code / "mynamespace").mkdir()
+    (code / "myext.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    (code / "myplainext.so").write_bytes(b"")
+    (code / "notamodule.py").mkdir()  # a directory named like a module file: not one
+    imports = ["mylocal", "mypkg", "mynamespace", "myext", "myplainext", "notamodule"]
+    write(code / "train.py", "".join(f"import {m}\n" for m in imports))
+    got = by_name(quick_checks(opt_ml, ["train.py"]))["imports"]
+    assert got.status == "fail" and "notamodule (train.py:6)" in got.detail, got.detail
+    assert not any(f"{m} (" in got.detail for m in imports[:-1]), got.detail
+
+
 def test_scan_runs_nothing(code: Path, opt_ml: Paths) -> None:
     marker = code / "ran"
     write(code / "train.py", f"open({str(marker)!r}, 'w')\nraise SystemExit(3)\nimport json\n")

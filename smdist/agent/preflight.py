@@ -169,12 +169,28 @@ def _local_module_files(base: Path, module: str) -> list[Path]:
     return out
 
 
-def _is_local(base: Path, top: str) -> bool:
-    return (
-        (base / f"{top}.py").is_file()
-        or (base / top).is_dir()
-        or bool(list(base.glob(f"{top}.*.so")) or list(base.glob(f"{top}.so")))
-    )
+class _Local:
+    """Which top-level names are the script's own modules under ``base``: one directory
+    listing for the whole scan, not a stat (and two globs) per import (issue 18: this scan
+    runs before every first rank)."""
+
+    def __init__(self, base: Path) -> None:
+        self.files: set[str] = set()
+        self.dirs: set[str] = set()
+        try:
+            with os.scandir(base) as entries:
+                for e in entries:
+                    if e.is_dir():
+                        self.dirs.add(e.name)
+                    elif e.is_file():
+                        self.files.add(e.name)
+        except OSError:
+            pass
+        # top.so, top.cpython-311-x86_64-linux-gnu.so: extension modules
+        self.extensions = {n.split(".", 1)[0] for n in self.files if n.endswith(".so")}
+
+    def __contains__(self, top: str) -> bool:
+        return f"{top}.py" in self.files or top in self.dirs or top in self.extensions
 
 
 def scan_imports(script: Path, local_root: Path | None = None) -> list[ImportSite]:
@@ -185,6 +201,7 @@ def scan_imports(script: Path, local_root: Path | None = None) -> list[ImportSit
     file that does not parse.
     """
     base = (local_root or script.parent).resolve()
+    local = _Local(base)
     sites: list[ImportSite] = []
     queue = [script.resolve()]
     seen: set[Path] = set()
@@ -216,7 +233,7 @@ def scan_imports(script: Path, local_root: Path | None = None) -> list[ImportSit
                 top = module.split(".")[0]
                 if not top or top == "__future__":
                     continue
-                if _is_local(base, top):
+                if top in local:
                     queue += _local_module_files(base, module)
                     if isinstance(node, ast.ImportFrom):
                         for a in node.names:
