@@ -316,6 +316,8 @@ class Supervisor:
 
     def start(self) -> None:
         me = os.getpid()
+        if not self.specs:
+            standby.discard()  # no rank here (an MPI host whose ranks mpirun starts)
         for spec in self.specs:
             counter = None
             env = spec.env
