@@ -531,7 +531,8 @@ def tables(all_: dict[str, dict[str, Any]], chart: str | None) -> list[str]:
         "",
         f"Taken {m['date_utc']} UTC on {m['cpus']} CPUs (load {m['load_avg_1m_at_start']} "
         f"at start), Python {m['python']}, torch {m['torch']}; "
-        f"{any_['runs']} runs per cell{' (quick mode)' if any_.get('quick') else ''}. "
+        f"{any_['runs']} runs per cell{' (quick mode)' if any_.get('quick') else ''}, "
+        "except where a section says otherwise under its table. "
         "Cells: median (min-max) and **ratio to the floor**.",
         "",
         "### Targets",
@@ -561,9 +562,12 @@ def tables(all_: dict[str, dict[str, Any]], chart: str | None) -> list[str]:
                 out += ["", f"({d.get('duration_s', 0):.0f} s; load {start} -> {end})"]
                 continue
             out += ["", f"### {title}", "", *fn(d)]
+            # A section re-run on its own (`--only`) says when, and with how many runs.
+            own = d["machine"]["date_utc"] != m["date_utc"] or d.get("runs") != any_["runs"]
+            when = f"taken {d['machine']['date_utc']} UTC, {d.get('runs')} runs; " if own else ""
             out += [
                 "",
-                f"({d['duration_s']:.0f} s; load {d['machine']['load_avg_1m_at_start']}"
+                f"({when}{d['duration_s']:.0f} s; load {d['machine']['load_avg_1m_at_start']}"
                 f" -> {d.get('load_avg_1m_at_end', '?')})",
             ]
             if key == "ready" and chart:
