@@ -134,6 +134,12 @@ def take(argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]
         import json
 
         order = json.dumps({"args": list(argv[3:]), "env": dict(env), "cwd": os.getcwd()})
+        rank = env.get("RANK", "0")
+        # Said before the order goes: the rank's first line may follow at once.
+        log.info(
+            "rank %s runs in the interpreter started at launch (pid %d)", rank, standby.proc.pid
+        )
+        timeline.mark(f"rank {rank} spawned")
         try:
             _write_all(standby.order_fd, order.encode())
         except OSError as exc:  # it ended between the check and the order
@@ -144,11 +150,6 @@ def take(argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]
         log.info("the interpreter started at launch was not used: %s", why)
         _end(standby)
         return None
-    log.info(
-        "rank %s runs in the interpreter started at launch (pid %d)",
-        env.get("RANK", "0"),
-        standby.proc.pid,
-    )
     return standby.proc
 
 

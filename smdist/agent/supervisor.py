@@ -339,7 +339,7 @@ class Supervisor:
                         preexec_fn=contract.exec_dying_with(me),
                     )
                     own.add(proc.pid)
-            timeline.mark(f"rank {spec.rank} spawned")
+                timeline.mark(f"rank {spec.rank} spawned")  # (the standby's: as it is handed)
             w = Worker(spec, proc, steps=counter)
             prefix = f"[{self.host}/{spec.rank}] ".encode() if spec.prefix else b""
             assert proc.stdout is not None and proc.stderr is not None
