@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import enum
+import fcntl
 import os
 import select
 import signal
@@ -77,7 +78,6 @@ class Worker:
     spec: WorkerSpec
     proc: subprocess.Popen[bytes]
     tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=50))
-    relays: list[threading.Thread] = field(default_factory=list)
     returncode: int | None = None
     exited_at: float = 0.0
     signalled: bool = False
@@ -99,55 +99,200 @@ class Outcome:
     """Steps per second of each local rank that counted steps."""
 
 
-def _relay(
-    src: IO[bytes],
-    dst: IO[bytes],
-    prefix: bytes,
-    tail: collections.deque[str] | None,
-    activity: Activity,
-) -> None:
-    """Copy whole lines from a worker pipe to ours, each with the host/rank prefix.
+PIPE_BYTES = 1 << 20
+"""Each worker pipe's kernel buffer (``F_SETPIPE_SZ``; Linux's default is 64 KiB, and 1 MiB
+is its default ceiling for an unprivileged process): a rank that logs in bursts writes on
+instead of waiting for the relay, and the relay reads fewer, bigger chunks."""
+READ_BYTES = 1 << 20
+"""At most this much is read from a pipe at once (what is there: a read never waits for more)."""
+_HEAP_KEPT_BYTES = 8 << 20
+"""Freed memory glibc keeps for reuse instead of handing it back at once (its default is
+128 KiB, and blocks from 128 KiB on are mapped afresh each time): a relayed chunk's buffers
+are then the same memory every time, not pages the kernel zeroes again for every chunk."""
 
-    Works a chunk at a time (one replace per read, not a loop per line): the relay must
-    cost the job next to nothing even at hundreds of thousands of lines a second.
+
+def _reuse_freed_memory() -> None:
+    """Let glibc keep a few MiB it freed (``mallopt``): the relay's chunk-sized buffers are
+    allocated and freed a few thousand times a second under a fast log."""
+    import ctypes  # loaded by the agent anyway (prctl, for its workers' deaths)
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its own allocator's way
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_KEPT_BYTES // 2)
+        libc.mallopt(_M_TRIM_THRESHOLD, _HEAP_KEPT_BYTES)
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+class _Stream:
+    """One worker pipe: where it goes, and the part of a line not yet ended."""
+
+    __slots__ = ("activity", "dst", "glue", "pending", "prefix", "src", "tail")
+
+    def __init__(
+        self,
+        src: IO[bytes],
+        dst: IO[bytes],
+        prefix: bytes,
+        tail: collections.deque[str] | None,
+        activity: Activity,
+    ) -> None:
+        self.src, self.dst, self.prefix, self.tail, self.activity = src, dst, prefix, tail, activity
+        self.glue = b"\n" + prefix
+        self.pending = b""
+
+
+class Relay:
+    """Copies whole lines from every worker pipe of this host to the agent's own output,
+    each with its ``[host/rank]`` prefix: one thread for all of them, asleep in ``poll``
+    until a pipe has something.
+
+    A chunk goes out as soon as it is read (only the part of a line not yet ended waits for
+    the rest of it), in one write: one rank's lines are never spliced into another's. It
+    works a chunk at a time (one ``replace`` per read, not a loop per line) and copies a
+    chunk twice (the prefixes put in, then the pieces joined), so the relay costs the job
+    next to nothing even at hundreds of thousands of lines a second, and its memory is one
+    chunk whatever the rate. One thread, not one per pipe: no contention between relays for
+    the interpreter, and one wake-up per chunk.
     """
-    fd = src.fileno()
-    pending = b""
-    glue = b"\n" + prefix
-    while True:
+
+    def __init__(self) -> None:
+        self._streams: dict[int, _Stream] = {}
+        self._poll = select.poll()
+        self._thread: threading.Thread | None = None
+        self._sealed = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poll.register(self._wake_r, select.POLLIN)
+
+    def start(self) -> None:
+        """Start relaying (streams may be added until ``seal``)."""
+        _reuse_freed_memory()
+        self._thread = threading.Thread(target=self._run, name="smdist-relay", daemon=True)
+        self._thread.start()
+
+    def add(
+        self,
+        src: IO[bytes],
+        dst: IO[bytes],
+        prefix: bytes,
+        tail: collections.deque[str] | None = None,
+        activity: Activity | None = None,
+    ) -> None:
+        """Relay ``src`` to ``dst``; ``tail`` keeps its last lines (the failure report's),
+        ``activity`` when it last wrote and a stack dump's lines."""
+        fd = src.fileno()
+        with contextlib.suppress(OSError):  # a smaller buffer only costs wake-ups
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        self._streams[fd] = _Stream(src, dst, prefix, tail, activity or Activity())
+        self._poll.register(fd, select.POLLIN)
+        self._wake()
+
+    def seal(self) -> None:
+        """No more streams: the relay ends once every one has."""
+        self._sealed = True
+        self._wake()
+
+    def join(self, timeout: float) -> None:
+        """Until every pipe has ended (each worker and whatever it left holding its output
+        gone), at most ``timeout`` seconds."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return  # a pipe still held open (its wake-up pipe stays with it)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"x")
+
+    def _run(self) -> None:
+        while self._streams or not self._sealed:
+            for fd, _event in self._poll.poll():
+                if fd == self._wake_r:  # a stream added (seen from the next poll on)
+                    with contextlib.suppress(OSError):
+                        os.read(self._wake_r, 4096)
+                    continue
+                self._read(fd)
+
+    def _read(self, fd: int) -> None:
+        stream = self._streams[fd]
         try:
-            chunk = os.read(fd, 65536)
+            chunk = os.read(fd, READ_BYTES)
         except OSError:
             chunk = b""
-        if not chunk:
-            if not pending:
-                break
-            block, pending = pending + b"\n", b""  # a last line without its newline
+        if chunk:
+            self._feed(stream, chunk)
+            return
+        if stream.pending:  # a last line without its newline
+            self._emit(stream, stream.pending, b"\n")
+            stream.pending = b""
+        self._poll.unregister(fd)
+        del self._streams[fd]
+        stream.src.close()
+
+    def _feed(self, stream: _Stream, chunk: bytes) -> None:
+        if chunk.rfind(b"\n") < 0:
+            stream.pending += chunk
+            if len(stream.pending) >= MAX_LINE:  # an endless line goes out in pieces
+                self._emit(stream, stream.pending, b"\n")
+                stream.pending = b""
+            return
+        cut = self._emit(stream, stream.pending, chunk)
+        stream.pending = chunk[cut + 1 :]
+
+    def _emit(self, stream: _Stream, head: bytes, chunk: bytes) -> int:
+        """Write the lines ``head + chunk`` ends up to ``chunk``'s last newline (``head``: the
+        start of the first, read before); return where that newline is."""
+        cut = chunk.rfind(b"\n")
+        if stream.prefix:
+            body = chunk.replace(b"\n", stream.glue)  # each line after a newline: its prefix
+            end = body.rfind(b"\n") + 1  # the prefix put after the last one is not sent
+            out = b"".join((stream.prefix, head, memoryview(body)[:end]))
+        elif head or cut + 1 < len(chunk):
+            out = b"".join((head, memoryview(chunk)[: cut + 1]))
         else:
-            pending += chunk
-            cut = pending.rfind(b"\n")
-            if cut < 0:
-                if len(pending) < MAX_LINE:
-                    continue
-                pending += b"\n"  # an endless line goes out in pieces, not held forever
-                cut = len(pending) - 1
-            block, pending = pending[: cut + 1], pending[cut + 1 :]
-        out = prefix + block[:-1].replace(b"\n", glue) + b"\n" if prefix else block
+            out = chunk
         with _output_lock:
             try:
-                dst.write(out)
-                dst.flush()
+                stream.dst.write(out)
+                stream.dst.flush()
             except (OSError, ValueError):
                 pass
+        activity = stream.activity
         activity.last_output = time.monotonic()
-        if tail is not None:
-            last = block[:-1].rsplit(b"\n", TAIL_LINES)[-TAIL_LINES:]
-            tail.extend(line.decode("utf-8", "replace")[:1000] for line in last)
+        if stream.tail is not None:
+            stream.tail.extend(
+                line.decode("utf-8", "replace")[:1000]
+                for line in _last_lines(head, chunk, cut, TAIL_LINES)
+            )
             if activity.capture is not None:
+                text = (head + chunk[:cut]).decode("utf-8", "replace")
                 with _dump_lines:
-                    activity.capture.extend(block[:-1].decode("utf-8", "replace").split("\n"))
+                    activity.capture.extend(text.split("\n"))
                     _dump_lines.notify_all()
-    src.close()
+        return cut
+
+
+def _last_lines(head: bytes, chunk: bytes, cut: int, count: int) -> list[bytes]:
+    """The last ``count`` lines of ``head + chunk[:cut]``, without copying the rest."""
+    lines: list[bytes] = []
+    end = cut
+    while len(lines) < count:
+        start = chunk.rfind(b"\n", 0, end)
+        if start < 0:
+            lines.append(head + chunk[:end])
+            break
+        lines.append(chunk[start + 1 : end])
+        end = start
+    lines.reverse()
+    return lines
 
 
 DUMP_QUIET_S = 0.05
@@ -293,6 +438,7 @@ class Supervisor:
         self.verdict_at: float | None = None
         """This host asked for a hang check: decide by then at the latest."""
         self._signals: list[int] = []
+        self.relay = Relay()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -315,6 +461,17 @@ class Supervisor:
             _dump_lines.notify_all()
 
     def start(self) -> None:
+        self.relay.start()
+        try:
+            self._spawn()
+        finally:
+            self.relay.seal()
+        for w in self.workers:
+            threading.Thread(target=self._wait_worker, args=(w,), daemon=True).start()
+        if self.watched:
+            self.tick_at = time.monotonic() + self._tick_s()
+
+    def _spawn(self) -> None:
         me = os.getpid()
         if not self.specs:
             standby.discard()  # no rank here (an MPI host whose ranks mpirun starts)
@@ -343,20 +500,9 @@ class Supervisor:
             w = Worker(spec, proc, steps=counter)
             prefix = f"[{self.host}/{spec.rank}] ".encode() if spec.prefix else b""
             assert proc.stdout is not None and proc.stderr is not None
-            for src, dst, tail in (
-                (proc.stdout, sys.stdout.buffer, None),
-                (proc.stderr, sys.stderr.buffer, w.tail),
-            ):
-                t = threading.Thread(
-                    target=_relay, args=(src, dst, prefix, tail, w.activity), daemon=True
-                )
-                t.start()
-                w.relays.append(t)
+            self.relay.add(proc.stdout, sys.stdout.buffer, prefix, None, w.activity)
+            self.relay.add(proc.stderr, sys.stderr.buffer, prefix, w.tail, w.activity)
             self.workers.append(w)
-        for w in self.workers:
-            threading.Thread(target=self._wait_worker, args=(w,), daemon=True).start()
-        if self.watched:
-            self.tick_at = time.monotonic() + self._tick_s()
 
     def _control(self, action: str, event: JobEvent) -> None:
         """Tell the workers (the decorator) why they are being signalled."""
@@ -426,9 +572,7 @@ class Supervisor:
                 signal.signal(s, h)
             for w in self.workers:
                 _signal_worker(w, signal.SIGKILL)
-            for w in self.workers:
-                for t in w.relays:
-                    t.join(timeout=5)
+            self.relay.join(timeout=5)
 
     def _sleep(self) -> None:
         """Until something is written to the wake-up pipe or the next deadline passes."""
