@@ -20,6 +20,8 @@ from typing import Any
 from bench.launchers import SCRIPT_MODE, Launch, alive, start
 
 TICK = os.sysconf("SC_CLK_TCK")
+PF_FORKNOEXEC = 0x40
+"""``/proc/PID/stat``'s flags: forked, not exec'd yet."""
 READY_TIMEOUT_S = 180.0
 
 
@@ -106,7 +108,11 @@ class TreeSampler:
     """Polls /proc every ``period`` s for the launcher processes under the top-level ones.
 
     A process whose environment has ``RANK`` is a worker (every launcher sets it, the
-    launchers themselves never have it); everything else in the tree is launcher.
+    launchers themselves never have it); everything else in the tree is launcher. A process
+    forked and not yet exec'd (the kernel's ``PF_FORKNOEXEC``) counts from its second sample
+    on: a rank caught between its fork and its exec still has the launcher's environment and
+    a copy of the launcher's memory, and counting it doubled the launcher's peak now and then
+    (smdist's 18 -> 31 MiB "growth" between two relay sizes was one such sample).
     """
 
     def __init__(self, launch: Launch, period: float = 0.1) -> None:
@@ -116,6 +122,7 @@ class TreeSampler:
         self.hwm: dict[int, int] = {}  # pid -> peak resident KiB (VmHWM)
         self.samples: list[tuple[float, float, int]] = []  # (time, launcher cpu s, rss KiB)
         self._workers: set[int] = set()
+        self._unexeced: set[int] = set()  # seen once, forked and not exec'd
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -157,6 +164,9 @@ class TreeSampler:
                         line.split(":", 1) for line in f.read().splitlines() if ":" in line
                     )
             except OSError:
+                continue
+            if int(fields[6]) & PF_FORKNOEXEC and pid not in self._unexeced:
+                self._unexeced.add(pid)
                 continue
             ticks = (int(fields[11]) + int(fields[12])) / TICK
             self.cpu[pid] = _run_time(pid) or ticks
