@@ -111,10 +111,15 @@ _HEAP_KEPT_BYTES = 8 << 20
 are then the same memory every time, not pages the kernel zeroes again for every chunk."""
 
 
+BIG_CHUNK = 1 << 16
+"""A read this big means a fast log: the relay then asks glibc to keep what it frees."""
+
+
 def _reuse_freed_memory() -> None:
     """Let glibc keep a few MiB it freed (``mallopt``): the relay's chunk-sized buffers are
-    allocated and freed a few thousand times a second under a fast log."""
-    import ctypes  # loaded by the agent anyway (prctl, for its workers' deaths)
+    allocated and freed a few thousand times a second under a fast log. Called by the relay
+    on its first big chunk, never at the agent's start (ctypes costs milliseconds there)."""
+    import ctypes
 
     with contextlib.suppress(OSError, AttributeError):  # not glibc: its own allocator's way
         libc = ctypes.CDLL(None)
@@ -163,6 +168,8 @@ class Relay:
         self._poll = select.poll()
         self._thread: threading.Thread | None = None
         self._sealed = False
+        self._fast = False
+        """A big chunk came: glibc was asked to keep freed memory."""
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -170,7 +177,6 @@ class Relay:
 
     def start(self) -> None:
         """Start relaying (streams may be added until ``seal``)."""
-        _reuse_freed_memory()
         self._thread = threading.Thread(target=self._run, name="smdist-relay", daemon=True)
         self._thread.start()
 
@@ -228,6 +234,9 @@ class Relay:
         except OSError:
             chunk = b""
         if chunk:
+            if len(chunk) >= BIG_CHUNK and not self._fast:
+                self._fast = True
+                _reuse_freed_memory()
             self._feed(stream, chunk)
             return
         if stream.pending:  # a last line without its newline
