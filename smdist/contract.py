@@ -522,3 +522,71 @@ class Category:
     JOB_ABORTED = "JobAborted"
     ARTIFACT_ERROR = "ArtifactError"
     MODEL_DIR_CLASH = "ModelDirClash"
+
+
+# --- a TCP connection to a peer that may not listen yet -----------------------------------
+
+if TYPE_CHECKING:
+    import socket
+
+
+def connect_when_listening(
+    host: str,
+    port: int,
+    budget_s: float,
+    pause_s: Callable[[float], float],
+    *,
+    attempt_timeout_s: float,
+    resolve_once: bool = False,
+    source: str | None = None,
+    on_attempt: Callable[[], object] | None = None,
+    on_wait: Callable[[OSError, float], object] | None = None,
+) -> socket.socket:
+    """A TCP connection to ``host:port``, retried while nothing accepts it there (a peer
+    that starts listening a moment later is normal), for at most ``budget_s``.
+
+    Shared by a rank waiting for rank 0's TCPStore and an agent for the master's rendezvous
+    store. A try connects to each of the name's addresses in turn (``on_attempt()`` before
+    each), for at most ``attempt_timeout_s`` each and never past the budget (but 50 ms at
+    least). After a refused try it sleeps ``pause_s(seconds so far)`` (``on_wait(error,
+    seconds so far)`` first), unless that sleep would end past the budget: then the last
+    error is raised. ``resolve_once``: the name is looked up once, and one that does not
+    resolve raises at once; else it is looked up on every try. ``source``: the local
+    address to connect from."""
+    import socket  # here, not at the top: a rank that never waits pays nothing for it
+    import time
+
+    started = time.monotonic()
+    deadline = started + budget_s
+    kind = socket.SOCK_STREAM
+    resolved = socket.getaddrinfo(host, port, type=kind) if resolve_once else None
+    while True:
+        error: OSError = OSError(f"{host}: getaddrinfo gave no address")
+        try:
+            addresses = (
+                resolved if resolved is not None else socket.getaddrinfo(host, port, type=kind)
+            )
+        except OSError as exc:
+            addresses, error = [], exc
+        for family, type_, proto, _name, address in addresses:
+            if on_attempt is not None:
+                on_attempt()
+            sock = None
+            try:
+                sock = socket.socket(family, type_, proto)
+                sock.settimeout(max(0.05, min(attempt_timeout_s, deadline - time.monotonic())))
+                if source:
+                    sock.bind((source, 0))
+                sock.connect(address)
+                return sock
+            except OSError as exc:
+                error = exc
+                if sock is not None:
+                    sock.close()
+        now = time.monotonic()
+        pause = pause_s(now - started)
+        if now + pause >= deadline:
+            raise error
+        if on_wait is not None:
+            on_wait(error, now - started)
+        time.sleep(pause)

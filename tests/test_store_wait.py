@@ -5,17 +5,25 @@ torch's client then sleeps a backoff of about half a second or more before it tr
 the whole job waits it out. smdist's bootstrap makes such a rank poll the store's port
 instead and connect as soon as it listens. Real torch TCPStores and a real 2-rank job here;
 how much time it saves is measured by ``python -m bench.run --only ready``.
+
+The loop itself is ``smdist.contract.connect_when_listening``, which the agents also use to
+reach the master's rendezvous store: it is tested here with real sockets too.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import socket
 import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from smdist import contract
+from smdist.errors import RendezvousFailed
 from smdist.worker import store_wait
 from tests.helpers import free_port, make_tree, run, wait_for, write_script
 
@@ -64,6 +72,56 @@ def test_a_master_that_never_listens_is_left_to_torch_after_the_budget() -> None
     assert store_wait.wait_listening("127.0.0.1", free_port(), 0.2) is False
     assert store_wait.last_wait["listening"] is False
     assert store_wait.last_wait["attempts"] >= 2
+
+
+def test_the_shared_loop_connects_once_the_peer_listens_and_gives_up_at_its_budget() -> None:
+    port = free_port()
+    waits: list[float] = []
+    refused_twice = threading.Event()
+
+    def on_wait(exc: OSError, elapsed_s: float) -> None:
+        assert isinstance(exc, ConnectionRefusedError), exc
+        waits.append(elapsed_s)
+        if len(waits) == 2:
+            refused_twice.set()
+
+    got: dict[str, socket.socket] = {}
+
+    def connect() -> None:
+        got["sock"] = contract.connect_when_listening(
+            "127.0.0.1", port, 60, lambda _: 0.01, attempt_timeout_s=1.0, on_wait=on_wait
+        )
+
+    t = threading.Thread(target=connect, daemon=True)
+    t.start()
+    assert refused_twice.wait(60), "no refused try"
+    with socket.create_server(("127.0.0.1", port)) as server:
+        t.join(60)
+        assert "sock" in got, "not connected once the peer listened"
+        peer, _ = server.accept()  # the connection it returned is the one the peer took
+        with got["sock"] as sock, peer:
+            sock.sendall(b"hi")
+            assert peer.recv(2) == b"hi"
+    # Nothing listens: the last error, once the next pause would end past the budget.
+    tries: list[int] = []
+    with pytest.raises(ConnectionRefusedError):
+        contract.connect_when_listening(
+            "127.0.0.1", free_port(), 0.3, lambda _: 0.05, attempt_timeout_s=1.0,
+            on_attempt=lambda: tries.append(1),
+        )  # fmt: skip
+    assert len(tries) >= 2
+
+
+def test_an_agent_that_cannot_reach_the_masters_store_says_where_and_how_long() -> None:
+    from smdist.agent.store import StoreClient
+
+    port = free_port()
+    with pytest.raises(RendezvousFailed) as caught:
+        StoreClient("127.0.0.1", port, 1, "algo-1", secret=b"s" * 32)
+    assert str(caught.value) == (
+        f"cannot reach the rendezvous store of algo-1 at 127.0.0.1:{port} after 1 s: "
+        "Connection refused"
+    )
 
 
 CHECK = r"""

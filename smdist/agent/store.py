@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from smdist import contract
 from smdist.errors import RendezvousFailed
 
 TYPE_CHECKING = False  # not typing's: every host's agent imports this on its way to the rendezvous
@@ -781,52 +782,61 @@ EARLY_PHASE_S = 2.0
 MAX_RETRY_S = 2.0
 
 
+def _backoff() -> Callable[[float], float]:
+    """The pause after a refused try, given the seconds so far: ``EARLY_RETRY_S`` (plus up
+    to as much again at random) for the first ``EARLY_PHASE_S``, then doubling up to
+    ``MAX_RETRY_S``. Hosts started together meet within a few tens of milliseconds of the
+    master's store listening, not after an exponential backoff's overshoot, and a master
+    that is late by minutes is not flooded. A plain function: tenacity (with typing,
+    dataclasses and inspect) is not worth its import on every host's way to the rendezvous."""
+    delay = EARLY_RETRY_S
+
+    def pause(elapsed_s: float) -> float:
+        nonlocal delay
+        import random  # only when the master is not up yet
+
+        if elapsed_s >= EARLY_PHASE_S:
+            delay = min(MAX_RETRY_S, delay * 2)
+        return delay + random.uniform(0, EARLY_RETRY_S)
+
+    return pause
+
+
 def _connect(
     address: str, port: int, timeout_s: float, what: str, source: str | None = None
 ) -> socket.socket:
     """Connect, retrying while the master's store is not up yet (a master that starts a
-    moment later is normal: said every 5 s, not per try).
+    moment later is normal: said every 5 s, not per try), on ``_backoff``'s schedule."""
+    noted = 0.0
 
-    Every ``EARLY_RETRY_S`` (plus up to as much again at random) for the first
-    ``EARLY_PHASE_S``, then backing off to ``MAX_RETRY_S``: hosts started together meet
-    within a few tens of milliseconds of the master's store listening, not after an
-    exponential backoff's overshoot, and a master that is late by minutes is not flooded.
-    A plain loop: tenacity (with typing, dataclasses and inspect) is not worth its import
-    on every host's way to the rendezvous."""
-    started = time.monotonic()
-    deadline = started + timeout_s
-    delay, last_note = EARLY_RETRY_S, 0.0
-    while True:
-        try:
-            sock = socket.create_connection(
-                (address, port),
-                timeout=5.0,
-                source_address=(source, 0) if source else None,
+    def waiting(exc: OSError, elapsed_s: float) -> None:
+        nonlocal noted
+        if elapsed_s - noted >= 5.0:
+            noted = elapsed_s
+            log.info(
+                "waiting for the rendezvous store of %s at %s:%d (%.0f s of %.0f s): %s",
+                what,
+                address,
+                port,
+                elapsed_s,
+                timeout_s,
+                exc,
             )
-            break
-        except OSError as exc:
-            import random  # only when the master is not up yet
 
-            now = time.monotonic()
-            if now - started >= EARLY_PHASE_S:
-                delay = min(MAX_RETRY_S, delay * 2)
-            pause = delay + random.uniform(0, EARLY_RETRY_S)
-            if now + pause >= deadline:
-                raise RendezvousFailed(
-                    f"cannot reach the rendezvous store of {what} at {address}:{port} "
-                    f"after {timeout_s:.0f} s: {exc.strerror or exc}"
-                ) from exc
-            if now - started - last_note >= 5.0:
-                last_note = now - started
-                log.info(
-                    "waiting for the rendezvous store of %s at %s:%d (%.0f s of %.0f s): %s",
-                    what,
-                    address,
-                    port,
-                    now - started,
-                    timeout_s,
-                    exc,
-                )
-            time.sleep(pause)
+    try:
+        sock = contract.connect_when_listening(
+            address,
+            port,
+            timeout_s,
+            _backoff(),
+            attempt_timeout_s=5.0,
+            source=source,
+            on_wait=waiting,
+        )
+    except OSError as exc:
+        raise RendezvousFailed(
+            f"cannot reach the rendezvous store of {what} at {address}:{port} "
+            f"after {timeout_s:.0f} s: {exc.strerror or exc}"
+        ) from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock

@@ -25,6 +25,8 @@ import os
 import sys
 import time
 
+from smdist import contract  # the bootstrap has imported it already
+
 TYPE_CHECKING = False  # not typing's: every rank imports this before its first line
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -40,6 +42,8 @@ this often is cheap, and the rank connects within 10 ms of rank 0's store listen
 WAIT_CAP_S = 30.0
 """At most this long (past it, torch's own retries take over): the wait is for a race at
 start-up, not for a master that is late by minutes."""
+ATTEMPT_S = 1.0
+"""One connection attempt's bound (a remote rank 0 that drops packets, not one refusing)."""
 MARK = "__smdist_store_wait__"
 PARAMETERS = ("hostname", "port", "rank", "world_size", "timeout")
 """``_create_c10d_store``'s first parameters, as torch 2.x names them."""
@@ -52,31 +56,29 @@ tests and for a curious user; empty when no wait ran."""
 def wait_listening(host: str, port: int, budget_s: float) -> bool:
     """Until something accepts a TCP connection on ``host:port`` (True), or ``budget_s``
     has passed or the address does not resolve (False). Never raises."""
-    import socket  # torch has imported it already: nothing for the rank's start-up
-
     started = time.monotonic()
-    deadline = started + budget_s
     last_wait.clear()
     last_wait.update(address=f"{host}:{port}", attempts=0, listening=False, seconds=0.0)
+
+    def attempt() -> None:
+        last_wait["attempts"] += 1
+
     try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with contract.connect_when_listening(
+            host,
+            port,
+            budget_s,
+            lambda _: POLL_S,
+            attempt_timeout_s=ATTEMPT_S,
+            resolve_once=True,
+            on_attempt=attempt,
+        ):
+            pass  # closed at once: the store takes it for a client that left
     except OSError:
+        last_wait["seconds"] = time.monotonic() - started
         return False
-    while True:
-        for family, kind, proto, _name, address in addresses:
-            last_wait["attempts"] += 1
-            try:
-                with socket.socket(family, kind, proto) as s:
-                    s.settimeout(max(0.05, min(1.0, deadline - time.monotonic())))
-                    s.connect(address)
-            except OSError:
-                continue
-            last_wait.update(listening=True, seconds=time.monotonic() - started)
-            return True
-        if time.monotonic() + POLL_S >= deadline:
-            last_wait["seconds"] = time.monotonic() - started
-            return False
-        time.sleep(POLL_S)
+    last_wait.update(listening=True, seconds=time.monotonic() - started)
+    return True
 
 
 def _client_of_rank0(rank: object) -> bool:
