@@ -20,6 +20,8 @@ from typing import Any
 from bench.launchers import SCRIPT_MODE, Launch, alive, start
 
 TICK = os.sysconf("SC_CLK_TCK")
+STANDBY = b"smdist.worker.standby"
+"""In the command line of smdist's first rank (``python -m smdist.worker.standby``)."""
 PF_FORKNOEXEC = 0x40
 """``/proc/PID/stat``'s flags: forked, not exec'd yet."""
 READY_TIMEOUT_S = 180.0
@@ -108,7 +110,9 @@ class TreeSampler:
     """Polls /proc every ``period`` s for the launcher processes under the top-level ones.
 
     A process whose environment has ``RANK`` is a worker (every launcher sets it, the
-    launchers themselves never have it); everything else in the tree is launcher. A process
+    launchers themselves never have it), and so is smdist's standby (the first rank's
+    interpreter, started with the agent: its environment comes after its ``exec``, so
+    ``/proc`` never shows its ``RANK``); everything else in the tree is launcher. A process
     forked and not yet exec'd (the kernel's ``PF_FORKNOEXEC``) counts from its second sample
     on: a rank caught between its fork and its exec still has the launcher's environment and
     a copy of the launcher's memory, and counting it doubled the launcher's peak now and then
@@ -146,6 +150,10 @@ class TreeSampler:
         if any(e.startswith(b"RANK=") for e in env):
             self._workers.add(pid)
             return True
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
+            if STANDBY in f.read():  # smdist's first rank, its environment given after exec
+                self._workers.add(pid)
+                return True
         return False
 
     def _sample(self) -> None:
