@@ -87,6 +87,24 @@ Log = Callable[[str], None]
 T = TypeVar("T")
 
 
+C = TypeVar("C", bound="Closes")
+
+
+class Closes:
+    """``with x:`` closes ``x`` at the end, however the block ends: ``close`` is the class's."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: C) -> C:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
 class HarnessError(RuntimeError):
     """Setting up or running a compose job failed; the message says which step and why."""
 
@@ -716,7 +734,7 @@ def _timestamp(text: str) -> float:
 
 
 @dataclass
-class Harness:
+class Harness(Closes):
     """A ready engine and image, and the jobs run on them; ``timings`` for the report."""
 
     engine: Engine
@@ -776,14 +794,6 @@ class Harness:
         if work_root is not None:
             h.work_root = work_root
         return h
-
-    def __enter__(self) -> Harness:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Stop the dockerd this harness started and let the next session in."""

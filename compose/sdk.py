@@ -29,10 +29,19 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
-from compose.harness import REPO, TORCH, Engine, HarnessError, _locked, _log, _read, docker_cli
+from compose.harness import (
+    REPO,
+    TORCH,
+    Closes,
+    Engine,
+    HarnessError,
+    _locked,
+    _log,
+    _read,
+    docker_cli,
+)
 
 SDK_REQUIREMENT = "sagemaker>=2.250,<3"
 SDK_VENV = Path(os.environ.get("SMDIST_SDK_VENV", REPO / ".venv-sdk"))
@@ -134,7 +143,7 @@ class FitResult:
         return "\n".join(parts)
 
 
-class LocalMode:
+class LocalMode(Closes):
     """A driver process with the SDK imported; ``fit`` runs one local-mode training job.
 
     Needs the harness's engine (its dockerd, its image): the SDK's docker-compose talks to
@@ -183,14 +192,6 @@ class LocalMode:
         self.sdk_version = str(ready["sagemaker"])
         self.compose = str(ready["compose"])
         self.timings.append((f"import sagemaker {self.sdk_version}", time.monotonic() - t0))
-
-    def __enter__(self) -> LocalMode:
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         if self._proc.poll() is None:

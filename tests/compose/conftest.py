@@ -23,12 +23,11 @@ TIMINGS: list[tuple[str, float]] = []
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     if os.geteuid() != 0:
         pytest.skip("the compose tier installs packages and starts its own dockerd: run as root")
-    h = Harness.start(work_root=tmp_path_factory.mktemp("compose-jobs"))
-    try:
-        yield h
-    finally:
-        h.close()
-        TIMINGS.extend(h.timings)
+    with Harness.start(work_root=tmp_path_factory.mktemp("compose-jobs")) as h:
+        try:
+            yield h
+        finally:
+            TIMINGS.extend(h.timings)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

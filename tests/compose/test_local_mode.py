@@ -36,12 +36,11 @@ def local_mode(harness: Harness, tmp_path_factory: pytest.TempPathFactory) -> It
     seconds = ensure_sdk_venv()
     if seconds:
         harness.timings.append(("sagemaker SDK install", seconds))
-    lm = LocalMode(harness.engine, tmp_path_factory.mktemp("local-mode"))
-    try:
-        yield lm
-    finally:
-        lm.close()
-        harness.timings.extend(lm.timings)
+    with LocalMode(harness.engine, tmp_path_factory.mktemp("local-mode")) as lm:
+        try:
+            yield lm
+        finally:
+            harness.timings.extend(lm.timings)
 
 
 def source_dir(tmp_path: Path, *scripts: str, files: dict[str, bytes] | None = None) -> Path:
