@@ -10,7 +10,6 @@ import base64
 import collections
 import hashlib
 import json
-import logging
 import re
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 from smdist.agent import code
 from smdist.agent.rendezvous import RendezvousSettings, rendezvous
 from smdist.errors import DependencyInstallFailed, JobAborted
+from smdist.log import log as smdist_log
 from tests.helpers import REPO, env, free_port, make_tree
 
 
@@ -180,16 +180,11 @@ def test_the_rendezvous_says_who_is_installing_and_nobody_times_out() -> None:
     seen_waiting = threading.Event()
     errors: list[BaseException] = []
 
-    class Seen(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if "waiting for algo-2: installing requirements (" in record.getMessage():
-                seen_waiting.set()
+    def seen(_level: int, message: str) -> None:
+        if "waiting for algo-2: installing requirements (" in message:
+            seen_waiting.set()
 
-    handler = Seen()
-    smdist_log = logging.getLogger("smdist")
-    old_level = smdist_log.level
-    smdist_log.setLevel(logging.INFO)
-    smdist_log.addHandler(handler)
+    smdist_log.add_listener(seen)
 
     def host(name: str) -> None:
         try:
@@ -215,8 +210,7 @@ def test_the_rendezvous_says_who_is_installing_and_nobody_times_out() -> None:
             t.join(60)
     finally:
         release.set()
-        smdist_log.removeHandler(handler)
-        smdist_log.setLevel(old_level)
+        smdist_log.remove_listener(seen)
     assert not errors, errors
 
 

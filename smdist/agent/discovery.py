@@ -10,7 +10,6 @@ most one progress line. IPv4 is preferred; an IPv6-only host works. No reverse l
 from __future__ import annotations
 
 import ipaddress
-import logging
 import re
 import socket
 import time
@@ -35,6 +34,8 @@ from smdist.errors import ConfigError, HostResolutionFailed, RendezvousFailed
 if TYPE_CHECKING:
     import dns.exception
     import dns.resolver
+
+    from smdist.log import Log
 
 NAMESERVER_ENV = "SMDIST_NAMESERVER"
 DNS_PORT = 53
@@ -379,7 +380,7 @@ def _latest(had: str, now: str) -> str:
     return had if now == "timeout" and had not in ("not asked yet", "timeout") else now
 
 
-def resolve_hosts(hosts: Sequence[str], policy: DnsPolicy, log: logging.Logger) -> dict[str, str]:
+def resolve_hosts(hosts: Sequence[str], policy: DnsPolicy, log: Log) -> dict[str, str]:
     """host -> IP address string (IPv4 preferred).
 
     Raises ConfigError at once for a malformed name, HostResolutionFailed at the deadline.
@@ -498,9 +499,7 @@ def resolve_hosts(hosts: Sequence[str], policy: DnsPolicy, log: logging.Logger) 
 # --- reachability ---------------------------------------------------------------------
 
 
-def wait_reachable(
-    host: str, address: str, port: int, timeout_s: float, log: logging.Logger
-) -> None:
+def wait_reachable(host: str, address: str, port: int, timeout_s: float, log: Log) -> None:
     """Wait until ``address:port`` accepts a TCP connection, or raise RendezvousFailed."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ConfigError(f"port of host {host}: must be 1-65535, got {port!r}")

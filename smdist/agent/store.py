@@ -26,7 +26,6 @@ import contextlib
 import heapq
 import hmac
 import json
-import logging
 import math
 import os
 import selectors
@@ -38,12 +37,12 @@ from collections.abc import Callable, Iterable, Sequence
 
 from smdist import contract
 from smdist.errors import RendezvousFailed
+from smdist.log import log
 
 TYPE_CHECKING = False  # not typing's: every host's agent imports this on its way to the rendezvous
 if TYPE_CHECKING:
     from typing import Any
 
-log = logging.getLogger("smdist")
 
 MAGIC = b"smdist-store-1\0"
 NONCE_BYTES = 32
