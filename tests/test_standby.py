@@ -6,9 +6,11 @@ in-process tests start a real standby interpreter and hand it (or refuse it) a r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -74,6 +76,27 @@ def test_the_first_rank_runs_in_the_interpreter_started_at_launch(tmp_path: Path
     # `ps` shows it as started: the standby, with the command line it was started for.
     ps = seen["ps"]
     assert isinstance(ps, list) and "smdist.worker.standby" in ps and entry in ps
+
+
+def test_a_descriptor_the_agent_inherited_does_not_reach_the_rank(tmp_path: Path) -> None:
+    # As Popen's close_fds for every other rank: a pipe the agent's parent leaked to it
+    # (here on purpose) is not held open by rank 0, whose parent would wait for its EOF.
+    r, w = os.pipe()
+    try:
+        root = make_tree(tmp_path / "ml")
+        entry = tmp_path / "train.py"
+        entry.write_text(f"import os\ntry:\n    os.fstat({w})\n    print('open')\n"
+                         "except OSError:\n    print('closed')\n")  # fmt: skip
+        done = subprocess.run(
+            [*SMDIST, "--opt-ml", str(root), str(entry)],
+            capture_output=True, text=True, env=env(), pass_fds=(w,), timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(r)
+        os.close(w)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "runs in the interpreter started at launch" in done.stderr
+    assert "[algo-1/0] closed" in done.stdout
 
 
 def test_a_failing_rank_in_the_standby_is_reported_as_any_rank(tmp_path: Path) -> None:
@@ -144,7 +167,8 @@ def started(monkeypatch: pytest.MonkeyPatch) -> Iterator[standby.Standby]:
         yield s
     finally:
         standby.discard()
-        s.proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(s.proc.pid, signal.SIGKILL)
         s.proc.wait(timeout=30)
 
 
@@ -156,9 +180,9 @@ def test_taken_it_runs_the_job_it_is_handed(started: standby.Standby, tmp_path: 
     script = tmp_path / "t.py"
     script.write_text("import os\nprint('rank', os.environ['RANK'], os.getpid())\n")
     proc = standby.take(_bootstrap(script), {**started.env, "RANK": "0"})
-    assert proc is started.proc
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0
+    assert proc is started.proc and proc.stdout is not None
+    out = proc.stdout.read()  # to its end: the rank's exit
+    assert proc.wait(timeout=60) == 0
     assert out.decode().strip() == f"rank 0 {proc.pid}"
     assert standby.take(_bootstrap(script), started.env) is None  # once only
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 
 from smdist import timeline
@@ -32,6 +31,7 @@ from smdist import timeline
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
+    from typing import IO
 
 DISABLE_ENV = "SMDIST_STANDBY"
 """``0``: start no standby interpreter (every rank starts its own, after the plan)."""
@@ -51,7 +51,7 @@ def read_at_start(name: str) -> bool:
 
 
 class Standby:
-    def __init__(self, proc: subprocess.Popen[bytes], order_fd: int, env: dict[str, str]):
+    def __init__(self, proc: Spawned, order_fd: int, env: dict[str, str]):
         self.proc = proc
         self.order_fd = order_fd
         self.env = env
@@ -70,37 +70,96 @@ def wanted(args: Sequence[str], environ: Mapping[str, str]) -> bool:
     return not any(a.split("=", 1)[0] in _NO_JOB for a in args)
 
 
+class Spawned:
+    """What the supervisor uses of ``subprocess.Popen`` (pid, the two pipes, ``wait``,
+    ``poll``), for a process started with ``os.posix_spawn``: the standby starts before
+    the agent imports subprocess, which costs more than the spawn itself."""
+
+    def __init__(self, pid: int, stdout: int, stderr: int) -> None:
+        self.pid = pid
+        self.stdout: IO[bytes] | None = os.fdopen(stdout, "rb")
+        self.stderr: IO[bytes] | None = os.fdopen(stderr, "rb")
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Its exit code (as Popen's: -N for signal N); None if ``timeout`` passed first."""
+        if self.returncode is None and timeout is not None:
+            import select
+
+            pidfd = os.pidfd_open(self.pid)
+            try:
+                if not select.select([pidfd], [], [], timeout)[0]:
+                    return None
+            finally:
+                os.close(pidfd)
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
 def start(args: Sequence[str]) -> None:
     """Start the standby interpreter, unless ``args`` ask for no ranks (first thing, before
     the agent imports anything it does not need for this)."""
     global _standby
     if _standby is not None or not wanted(args, os.environ):
         return
-    read_fd, order_fd = os.pipe()
+    read_fd, order_fd = os.pipe()  # both close-on-exec, as every fd Python opens
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    ours = (read_fd, order_fd, out_r, out_w, err_r, err_w)
     try:
-        proc = subprocess.Popen(
+        if min(ours) < 3:  # started with a standard stream closed: not worth the care
+            raise OSError("a standard stream is closed")
+        os.set_inheritable(read_fd, True)
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, out_w, 1),
+            (os.POSIX_SPAWN_DUP2, err_w, 2),
+            # As Popen's close_fds: nothing else the agent inherited reaches the rank.
+            *((os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd != read_fd),
+        ]
+        pid = os.posix_spawn(
+            sys.executable,
             # The command line's arguments after the two it reads: only for `ps` (which
             # shows rank 0 as the standby it was started as), as the agent's own show them.
             [sys.executable, "-m", MODULE, str(read_fd), str(os.getpid()), *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # as every rank: its own group, signalled as one
-            pass_fds=(read_fd,),
-            # No preexec_fn (it would cost a fork instead of a vfork, and ctypes here): the
-            # standby asks for its parent-death signal itself, first thing.
+            os.environ,
+            file_actions=actions,
+            setsid=True,  # as every rank: its own session and group, signalled as one
         )
     except OSError:
-        os.close(order_fd)
+        for fd in ours:
+            os.close(fd)
         return  # the ranks start as they always did
-    finally:
-        os.close(read_fd)
-    os.set_inheritable(order_fd, False)
-    _standby = Standby(proc, order_fd, dict(os.environ))
+    for fd in (read_fd, out_w, err_w):
+        os.close(fd)
+    _standby = Standby(Spawned(pid, out_r, err_r), order_fd, dict(os.environ))
     timeline.mark("standby interpreter started")
-    from smdist.agent import reaper  # after the start: logging is not on its way
+    from smdist.agent import reaper  # after the start: its imports are not on its way
 
-    reaper.adopt(proc.pid)  # ours: a PID-1 agent's reaper never takes its exit status
+    reaper.adopt(pid)  # ours: a PID-1 agent's reaper never takes its exit status
+
+
+def _inheritable_fds() -> list[int]:
+    """This process's descriptors above 2 that a spawned process would inherit."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                if os.get_inheritable(fd):
+                    fds.append(fd)
+            except OSError:  # the listing's own descriptor, closed by now
+                pass
+    return fds
 
 
 def unusable(standby: Standby, argv: Sequence[str], env: Mapping[str, str]) -> str | None:
@@ -118,7 +177,7 @@ def unusable(standby: Standby, argv: Sequence[str], env: Mapping[str, str]) -> s
     return None
 
 
-def take(argv: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[bytes] | None:
+def take(argv: Sequence[str], env: Mapping[str, str]) -> Spawned | None:
     """The standby, now running ``argv`` (``python -m smdist.worker.bootstrap ...``) with
     ``env`` in this process's working directory; None when there is none or it cannot
     (then it is ended, and the caller starts the rank as usual). Called once, for the first
@@ -166,8 +225,7 @@ def _end(standby: Standby) -> None:
     proc = standby.proc
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # it runs nothing of the user's yet
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5.0)  # a SIGKILL: at once, unless the kernel is stuck
+    proc.wait(timeout=5.0)  # a SIGKILL: at once, unless the kernel is stuck
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()

@@ -76,7 +76,7 @@ class Activity:
 @dataclass
 class Worker:
     spec: WorkerSpec
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | standby.Spawned
     tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=50))
     returncode: int | None = None
     exited_at: float = 0.0
@@ -492,7 +492,9 @@ class Supervisor:
                 env = dict(env, **{contract.STEPS_FILE_ENV: str(counter.counter.path)})
                 self.tick_at = time.monotonic() + self._tick_s()
             # The first rank may already have its interpreter, started with the agent.
-            proc = standby.take(spec.argv, env) if not self.workers else None
+            proc: subprocess.Popen[bytes] | standby.Spawned | None = (
+                standby.take(spec.argv, env) if not self.workers else None
+            )
             if proc is None:
                 with reaper.spawning() as own:  # its own session: registered before it exits
                     proc = subprocess.Popen(
