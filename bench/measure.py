@@ -327,9 +327,10 @@ def log_relay(
 ) -> dict[str, Any]:
     """``sizes`` lines of 100 bytes, split over ``nproc`` ranks, through each launcher.
 
-    Timed from the first worker's start to the last exit, so the launcher's own start-up
-    (torch's import in torchrun, the toolkit's) is not counted as relay cost. With
-    ``error_class`` every line names ``ValueError`` and goes to stderr.
+    Timed from the last rank's start (the ranks wait for each other before their first
+    line) to the launcher's exit, so the launcher's own start-up (torch's import in
+    torchrun, the toolkit's; smdist's first rank starting before the others) is not counted
+    as relay cost. With ``error_class`` every line names ``ValueError`` and goes to stderr.
     """
     marker = b"ValueError" if error_class else b"loss 0.1234 x"
     results: dict[str, Any] = {}
@@ -349,7 +350,7 @@ def log_relay(
                 sampler.stop()
                 pids = launch.records("pid")
                 if ended and pids:
-                    run["wall_s"] = _exit_s(launch, min(p["t"] for p in pids.values()))
+                    run["wall_s"] = _exit_s(launch, max(p["t"] for p in pids.values()))
                 run["codes"] = _codes(launch)
                 run["lines_out"] = _intact_lines([sink, launch.run_dir / "stderr"], marker)
                 run["peak_mib"] = round(sampler.peak_kib / 1024, 1) if name != "floor" else None

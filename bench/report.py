@@ -181,7 +181,7 @@ def _sigterm_table(d: dict[str, Any]) -> list[str]:
 
 def _relay_table(d: dict[str, Any]) -> list[str]:
     lines = [
-        f"| lines ({d['line_bytes']} B, {d['nproc']} ranks) | launcher | first worker start "
+        f"| lines ({d['line_bytes']} B, {d['nproc']} ranks) | launcher | last rank's start "
         "to exit | cost over the floor | worker lines out | launcher peak RSS |",
         "|---|---|---|---|---|---|",
     ]

@@ -75,6 +75,17 @@ def _checkpoint_on_sigterm(out: Path, rank: int, handler_s: float) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _all_started(out: Path) -> None:
+    """Until every rank has written its ``pid`` record. The relay measurement's clock starts
+    at the last rank's start: without this wait a rank that starts early (smdist's first
+    rank, in the interpreter started with the agent) would write lines before the clock,
+    and a launcher that starts its ranks one after another would be timed on its spawning.
+    A millisecond poll: the workload's, not the harness's, and the same for every launcher."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    while len(list(out.glob("pid-*"))) < world:
+        time.sleep(0.001)
+
+
 def _log(lines: int, error_class: bool) -> None:
     rank = _rank()
     # A line naming an error class goes to stderr, where launchers look for errors.
@@ -127,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "trivial":
         _record(out, f"ready-{rank}")
     elif args.mode == "log":
+        _all_started(out)
         _log(args.lines, bool(args.error_class))
     elif args.mode == "train":
         _train(out, args.seconds)
