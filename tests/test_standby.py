@@ -245,3 +245,23 @@ def test_a_waiting_standby_dies_with_its_agent() -> None:
         assert ready, f"the standby {pid} outlived its agent"
     finally:
         os.close(pidfd)
+
+
+def test_each_simulated_host_has_its_own(tmp_path: Path) -> None:
+    # --simulate starts none itself; each forked host agent starts its own, as on a host.
+    entry = tmp_path / "train.py"
+    entry.write_text("import os\nprint('rank', os.environ['RANK'], 'pid', os.getpid())\n")
+    r = subprocess.run(
+        [*SMDIST, "--simulate", "2x1", "--work-dir", str(tmp_path / "sim"), str(entry)],
+        capture_output=True, text=True, env=env(), timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    for host, rank in (("algo-1", 0), ("algo-2", 1)):
+        pid = next(
+            x.split("pid ")[1] for x in r.stdout.splitlines() if f"[{host}/{rank}] rank" in x
+        )
+        said = f"[smdist {host} "
+        assert any(
+            x.startswith(said) and f"interpreter started at launch (pid {pid})" in x
+            for x in r.stderr.splitlines()
+        ), r.stderr[-3000:]

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from smdist import contract
+from smdist.agent import standby
 from smdist.agent.rendezvous import free_port
 from smdist.config import Paths
 from smdist.errors import ConfigError
@@ -78,6 +79,9 @@ def _fork_agent(
         dying()
         os.environ.clear()
         os.environ.update(env)
+        # As on a real host: its first rank's interpreter starts while its agent plans and
+        # meets the others (smdist-run's launch does this for a host's own agent).
+        standby.start(argv)
         code = agent(argv)
     except SystemExit as exc:  # argparse's, or sys.exit in the agent: the same as a process
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -87,6 +91,7 @@ def _fork_agent(
         traceback.print_exc()
     finally:
         with contextlib.suppress(Exception):
+            standby.discard()  # none left behind by an agent that ended before its ranks
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
