@@ -18,22 +18,20 @@ if TYPE_CHECKING:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``smdist-run [OPTIONS] SCRIPT.py|-m MODULE|PROGRAM [ARGS...]``."""
-    standby.start(sys.argv[1:] if argv is None else argv)
-    try:
-        from smdist.agent import cli
-
-        return cli.main(argv)
-    finally:
-        standby.discard()
+    return _with_standby(argv, train=False)
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``train``: SageMaker's ``docker run IMAGE train``."""
+    return _with_standby(argv, train=True)
+
+
+def _with_standby(argv: Sequence[str] | None, *, train: bool) -> int:
     standby.start(sys.argv[1:] if argv is None else argv)
     try:
-        from smdist.agent import cli
+        from smdist.agent import cli  # after the start: the agent's imports run beside it
 
-        return cli.train_main(argv)
+        return cli.train_main(argv) if train else cli.main(argv)
     finally:
         standby.discard()
 
