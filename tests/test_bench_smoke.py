@@ -71,3 +71,16 @@ def test_store_load_bench_drives_the_real_store_end_to_end(tmp_path: Path) -> No
     assert all(r["master_exit"] == 0 and r["plan_s"] > 0 for r in runs)
     text = docs.read_text()
     assert "prose kept" in text and "| 8 |" in text
+
+
+def test_the_per_pair_ratio_pairs_each_run_with_the_floors_of_its_round() -> None:
+    from bench.report import pair_ratio
+
+    per = {
+        # Rounds alternate who starts; the runs' order in the lists is not the rounds'.
+        "floor": [{"run": 0, "ready_s": 2.0}, {"run": 1, "ready_s": 1.0}, {"run": 2}],
+        "smdist": [{"run": 1, "ready_s": 1.1}, {"run": 0, "ready_s": 2.0}, {"run": 2}],
+    }
+    # Round 0: 1.0x, round 1: 1.1x; round 2 has no time on either side and does not count.
+    assert pair_ratio(per, "smdist", "ready_s") == 1.05
+    assert pair_ratio({"floor": [], "smdist": []}, "smdist", "ready_s") is None
