@@ -393,6 +393,23 @@ def test_a_port_in_smdist_ssh_args_is_refused_naming_the_way(tmp_path: Path, giv
     assert first.endswith("set SMDIST_SSH_PORT instead (host algo-1)"), first
 
 
+@pytest.mark.parametrize("given", ["0", "ssh", "70000", "22 "])
+def test_a_bad_smdist_ssh_port_is_refused_at_the_start_on_every_host(
+    tmp_path: Path, given: str
+) -> None:
+    # Before the hosts meet, as SMDIST_SSH_ARGS: not once the rank map is made (a host that
+    # waits for the others first would wait for nothing).
+    script = write_script(tmp_path / "never.py", "raise SystemExit('must not run')\n")
+    opt_ml = make_tree(tmp_path / "ml", hyperparameters={"sagemaker_mpi_enabled": "true"})
+    r = run(["--opt-ml", str(opt_ml), str(script)], timeout=60, SMDIST_SSH_PORT=given)
+    assert r.returncode == 2, r.stderr
+    assert "rank map:" not in r.stderr and "Traceback" not in r.stderr
+    first = (opt_ml / "output" / "failure").read_text().splitlines()[0]
+    assert first == (
+        f"ConfigError: SMDIST_SSH_PORT: expected a TCP port (1-65535), got {given!r} (host algo-1)"
+    ), first
+
+
 @pytest.mark.parametrize(
     "given",
     [

@@ -699,6 +699,7 @@ class MpiBackend:
         self.config = config
         self.options = mpi_options(config)  # parsed once; a bad value fails before the rendezvous
         ssh_extra_args(os.environ)  # the same for SMDIST_SSH_ARGS, on every host
+        ssh_port(os.environ)  # and SMDIST_SSH_PORT, not only where mpirun is built
         self.sshd_port: int | None = None
         """The port of the job sshd this agent started or keyed (stopped by ``close``)."""
 
