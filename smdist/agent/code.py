@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -405,6 +404,7 @@ def run_install(
     pip's own configuration (PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_INDEX, pip.conf) applies
     as in any pip run; ``CA_REPOSITORY_ARN`` adds the CodeArtifact index as the toolkit does.
     """
+    import subprocess  # here: not on every agent's way to its first rank (issue 18)
     import threading
 
     env = dict(os.environ if environ is None else environ)

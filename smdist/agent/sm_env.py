@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Mapping
 
 from smdist.config import JobConfig
@@ -106,6 +105,8 @@ def detect_neuron_cores(instance_type: Any, environ: Mapping[str, str]) -> int:
     neuron_ls = shutil.which("neuron-ls", path=environ.get("PATH", os.defpath))
     if neuron_ls is None:
         return 0
+    import subprocess  # here: not on every agent's way to its first rank (issue 18)
+
     try:
         out = subprocess.run(
             [neuron_ls, "-j"],

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -127,6 +126,8 @@ def gpu_count(
 def _nvidia_smi(env: Mapping[str, str]) -> tuple[int, str]:
     smi = shutil.which("nvidia-smi", path=env.get("PATH"))
     if smi:
+        import subprocess  # here: not on every agent's way to its first rank (issue 18)
+
         try:
             out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
