@@ -76,6 +76,11 @@ MPI_FORWARDED_ENV = "SMDIST_MPI_FORWARDED"
 """Variables the user forwarded with ``-x``: they win over each host's own values."""
 MPI_HOSTS_ENV = "SMDIST_MPI_HOSTS"
 """The job's hosts and processes, ``algo-1:2,algo-2:2``, in node-rank order."""
+DIE_WITH_ENV = "SMDIST_DIE_WITH"
+"""Set only for a rank the agent starts through the bootstrap, to the agent's pid: the rank
+asks for the parent-death signal itself (``die_with_agent``), so its start needs no
+``preexec_fn`` (a vfork, not a fork of the whole agent). The bootstrap removes it first
+thing: the user's code never sees it, and nothing the rank starts inherits it."""
 
 
 def agent_variables(opt_ml_root: Path) -> dict[str, str]:
@@ -388,14 +393,22 @@ _prctl: Callable[..., int] | None = None
 
 
 def _load_prctl() -> Callable[..., int]:
-    """libc's prctl through ctypes, loaded on first need (ctypes is not cheap to import):
-    in the parent before a fork (``exec_dying_with``), never between fork and exec (dlopen
-    in a forked child of a threaded process can deadlock)."""
+    """libc's prctl, loaded on first need: in the parent before a fork (``exec_dying_with``),
+    never between fork and exec (dlopen in a forked child of a threaded process can
+    deadlock), or first thing in a rank (``die_with_agent``). Through ``_ctypes`` alone where
+    it can: every rank loads it, and ctypes' Python layer doubles the cost (3 ms more)."""
     global _prctl
     if _prctl is None:
-        import ctypes
+        try:
+            import _ctypes
 
-        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+            address = _ctypes.dlsym(_ctypes.dlopen(None), "prctl")  # type: ignore[arg-type]
+            call = _ctypes.call_function
+            _prctl = lambda *args: int(call(address, args))  # noqa: E731
+        except (ImportError, AttributeError, OSError):  # another Python's internals
+            import ctypes
+
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
     return _prctl
 
 
@@ -407,6 +420,15 @@ def die_with_parent(parent: int | None = None) -> bool:
     """
     _load_prctl()(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     return parent is None or os.getppid() == parent
+
+
+def die_with_agent() -> bool:
+    """``die_with_parent`` for a rank whose agent set ``DIE_WITH_ENV`` (removed here): the
+    request the agent's ``preexec_fn`` would have made, from the rank's first lines. False
+    when the agent is gone already (it died before the request took hold: the rank's parent
+    is then another process); True, doing nothing, when the variable is absent or not a pid."""
+    value = os.environ.pop(DIE_WITH_ENV, "")
+    return not value.isdigit() or die_with_parent(int(value))
 
 
 def exec_dying_with(parent: int) -> Callable[[], None]:

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -252,6 +253,8 @@ def test_sigterm_without_handlers_kills_workers_and_fails(tmp_path: Path) -> Non
 
 
 def test_sigkilled_agent_leaves_no_worker_behind(tmp_path: Path) -> None:
+    # Rank 0 runs in the standby interpreter; rank 1 is started by the supervisor without a
+    # preexec_fn and asks for the parent-death signal from its bootstrap.
     root = make_tree(tmp_path / "ml")
     body = (
         "import os, threading\n"
@@ -274,6 +277,36 @@ def test_sigkilled_agent_leaves_no_worker_behind(tmp_path: Path) -> None:
     agent.kill()
     agent.communicate(timeout=10)
     wait_for(lambda: not any(pid_alive(p) for p in pids), 10, "workers to die with the agent")
+
+
+PDEATHSIG_SCRIPT = """
+import ctypes, os, sys
+sig = ctypes.c_int()
+ctypes.CDLL(None).prctl(2, ctypes.byref(sig))  # PR_GET_PDEATHSIG
+print(sig.value, "SMDIST_DIE_WITH" in os.environ)
+"""
+
+
+def test_a_rank_asks_for_the_parent_death_signal_itself(tmp_path: Path) -> None:
+    # The agent starts a rank that runs the bootstrap without a preexec_fn (a vfork): the
+    # bootstrap asks for the signal, first thing, and the script never sees the request.
+    script = write_script(tmp_path / "sig.py", PDEATHSIG_SCRIPT)
+    boot = [sys.executable, "-m", "smdist.worker.bootstrap", str(script)]
+    e = env(SMDIST_DIE_WITH=str(os.getpid()))  # this process is its parent
+    r = subprocess.run(boot, capture_output=True, text=True, env=e, timeout=60)
+    assert (r.returncode, r.stdout) == (0, f"{int(signal.SIGKILL)} False\n"), r.stderr
+
+
+def test_a_rank_whose_agent_died_before_it_asked_never_runs_the_script(tmp_path: Path) -> None:
+    # The agent died between the spawn and the request: the rank's parent is another process
+    # by then (what getppid says), and the rank ends before any of the user's code.
+    ran = tmp_path / "ran"
+    script = write_script(tmp_path / "t.py", f"open({str(ran)!r}, 'w').close()\n")
+    boot = [sys.executable, "-m", "smdist.worker.bootstrap", str(script)]
+    e = env(SMDIST_DIE_WITH=str(os.getppid()))  # alive, but not the rank's parent
+    r = subprocess.run(boot, capture_output=True, text=True, env=e, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert not ran.exists()
 
 
 def test_arguments_pass_exactly_and_hyperparameters_follow(tmp_path: Path) -> None:

@@ -491,6 +491,13 @@ class Supervisor:
                 counter = hang.open_counter(spec.error_file.parent, spec.rank, spec.local_rank)
                 env = dict(env, **{contract.STEPS_FILE_ENV: str(counter.counter.path)})
                 self.tick_at = time.monotonic() + self._tick_s()
+            # A rank that runs the bootstrap asks for the parent-death signal itself (first
+            # thing, checking it was not orphaned already): started without a preexec_fn, it
+            # is a vfork of the agent, not a fork copying its memory and running Python code.
+            # Any other program cannot ask: the preexec_fn asks for it between fork and exec.
+            bootstrap = spec.python and tuple(spec.argv[1:3]) == standby.BOOTSTRAP
+            if bootstrap:
+                env = dict(env, **{contract.DIE_WITH_ENV: str(me)})
             # The first rank may already have its interpreter, started with the agent.
             proc: subprocess.Popen[bytes] | standby.Spawned | None = (
                 standby.take(spec.argv, env) if not self.workers else None
@@ -504,7 +511,7 @@ class Supervisor:
                         stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE,
                         start_new_session=True,
-                        preexec_fn=contract.exec_dying_with(me),
+                        preexec_fn=None if bootstrap else contract.exec_dying_with(me),
                     )
                     own.add(proc.pid)
                 timeline.mark(f"rank {spec.rank} spawned")  # (the standby's: as it is handed)

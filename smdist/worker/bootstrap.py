@@ -303,6 +303,10 @@ def release_process_groups() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # First: the agent started this rank without a preexec_fn (a vfork); the rank dies with
+    # it from here on, and exits at once if the agent died before this took hold.
+    if not contract.die_with_agent():
+        os._exit(1)
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or (args[0] == "-m" and len(args) < 2):
         sys.stderr.write("usage: python -m smdist.worker.bootstrap SCRIPT|-m MODULE [ARGS...]\n")
