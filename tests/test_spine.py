@@ -309,6 +309,32 @@ def test_a_rank_whose_agent_died_before_it_asked_never_runs_the_script(tmp_path:
     assert not ran.exists()
 
 
+EXIT_NOW = """
+import atexit, sys, threading
+from smdist.agent import launch
+atexit.register(print, "atexit ran")
+sys.stdout.write("written, not flushed; ")  # stdout is a pipe: held in its buffer
+busy = threading.Event()
+if sys.argv[1] == "thread":  # a non-daemon thread still working
+    threading.Thread(target=busy.wait).start()
+launch._exit_now(7)
+print("returned")
+busy.set()
+sys.exit(5)
+"""
+
+
+def test_the_agent_leaves_without_the_teardown_once_everything_is_out(tmp_path: Path) -> None:
+    # smdist-run ends with os._exit after the atexit functions and the streams' flush: the
+    # exit code and every byte written are kept.
+    script = [sys.executable, "-c", EXIT_NOW]
+    r = subprocess.run([*script, "-"], capture_output=True, text=True, env=env(), timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (7, "written, not flushed; atexit ran\n", "")
+    # A thread the interpreter's exit would wait for: the teardown runs, as before.
+    r = subprocess.run([*script, "thread"], capture_output=True, text=True, env=env(), timeout=60)
+    assert (r.returncode, r.stdout) == (5, "written, not flushed; returned\natexit ran\n"), r.stderr
+
+
 def test_arguments_pass_exactly_and_hyperparameters_follow(tmp_path: Path) -> None:
     hps = {"epochs": "3", "lr": "0.1", "name": '"run 1"', "sagemaker_program": '"t.py"'}
     root = make_tree(tmp_path / "ml", hyperparameters=hps)
