@@ -27,8 +27,9 @@ NOT_FOR_ONE_HOST = (
 # typing (annotations are for mypy), dataclasses and inspect (smdist.records makes the
 # agent's records: the decorators were half its start-up), statistics (step rates, at the
 # end), socket (a free port needs only _socket), and the failure report's classifier
-# (imported when something failed). ctypes is not asserted (the kill-with-parent hook
-# needs libc's prctl).
+# (imported when something failed), subprocess (a one-rank host hands its rank to the
+# interpreter started at launch: nothing to Popen). ctypes is not asserted (the
+# kill-with-parent hook needs libc's prctl).
 NOT_BEFORE_THE_FIRST_WORKER = (
     *NOT_FOR_ONE_HOST,
     "hashlib",
@@ -41,6 +42,7 @@ NOT_BEFORE_THE_FIRST_WORKER = (
     "socket",
     "smdist.agent.report.classify",
     "smdist.agent.report.failure",
+    "subprocess",
 )
 
 

@@ -15,7 +15,6 @@ import fcntl
 import os
 import select
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -31,6 +30,7 @@ from smdist.records import dataclass, field
 
 TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
 if TYPE_CHECKING:  # the report's code is imported when a worker fails (issue 18)
+    import subprocess
     from typing import IO
 
     from smdist.agent.report.failure import WorkerFailure
@@ -503,6 +503,8 @@ class Supervisor:
                 standby.take(spec.argv, env) if not self.workers else None
             )
             if proc is None:
+                import subprocess  # here: a one-rank host hands its rank over without it
+
                 with reaper.spawning() as own:  # its own session: registered before it exits
                     proc = subprocess.Popen(
                         spec.argv,
