@@ -335,6 +335,26 @@ def test_the_agent_leaves_without_the_teardown_once_everything_is_out(tmp_path: 
     assert (r.returncode, r.stdout) == (5, "written, not flushed; returned\natexit ran\n"), r.stderr
 
 
+def test_the_agent_under_a_profiler_exits_as_a_program_so_the_profile_is_written(
+    tmp_path: Path,
+) -> None:
+    # cProfile writes its file after the program returns: the agent's quick exit must not
+    # cut it off (the ordinary exit instead).
+    root = make_tree(tmp_path / "ml")
+    script = write_script(tmp_path / "t.py", "print('trained')\n")
+    out = tmp_path / "agent.prof"
+    r = subprocess.run(
+        [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "smdist.agent.launch",
+         "--opt-ml", str(root), str(script)],
+        capture_output=True, text=True, env=env(), timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[algo-1/0] trained" in r.stdout
+    import pstats
+
+    assert any("launch.py" in f for f, _, _ in pstats.Stats(str(out)).stats)
+
+
 def test_arguments_pass_exactly_and_hyperparameters_follow(tmp_path: Path) -> None:
     hps = {"epochs": "3", "lr": "0.1", "name": '"run 1"', "sagemaker_program": '"t.py"'}
     root = make_tree(tmp_path / "ml", hyperparameters=hps)

@@ -51,7 +51,11 @@ def _exit_now(code: int) -> None:
     returned; every thread it started is a daemon. A non-daemon thread still running (not
     one of the DNS lookups the agent abandoned: their answer is read by no one), or a
     stream that cannot be flushed: returns, and the interpreter's exit does what it always
-    did (waits for the thread; exit status 120 for the stream)."""
+    did (waits for the thread; exit status 120 for the stream). Nor under a profiler or a
+    tracer (``python -m cProfile -o F -m smdist.agent.launch``): it writes its output after
+    the program returns, which an ``os._exit`` would cut off."""
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        return
     import atexit
     import threading
 
