@@ -294,14 +294,21 @@ def _startup_table(d: dict[str, Any]) -> list[str]:
         "| step | " + " | ".join(NAMES.get(n, n) for n in columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
+    rows: list[tuple[float, str, list[float | None]]] = []
     for step in order:
-        cells = []
+        medians: list[float | None] = []
         for n in columns:
             got = [r["steps"][step] for r in per[n] if step in r.get("steps", {})]
-            cells.append(_s(statistics.median(got) * 1000, " ms", 0) if got else "-")
+            medians.append(statistics.median(got) if got else None)
+        rows.append((next((m for m in medians if m is not None), 0.0), step, medians))
+    firsts = [s[n]["first_line_s"].get("median") for n in columns]
+    rows.append(
+        (next((m for m in firsts if m is not None), 0.0), "the worker's first line", firsts)
+    )
+    # In time order: the worker's first line comes before the agent's own end, not after it.
+    for _, step, medians in sorted(rows, key=lambda row: row[0]):
+        cells = [_s(None if m is None else m * 1000, " ms", 0) for m in medians]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    cells = [_s(s[n]["first_line_s"].get("median", 0) * 1000, " ms", 0) for n in columns]
-    lines.append("| the worker's first line | " + " | ".join(cells) + " |")
     return lines
 
 
