@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -85,17 +86,28 @@ def _teardown() -> None:
     dist.destroy_process_group()
 
 
-def _torch_threads() -> list[str]:
-    """Names of this process's gloo and TCPStore threads (Linux names them in /proc)."""
-    names = []
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
-        except OSError:  # the thread ended meanwhile
-            continue
-        if "gloo" in name or "tcpstore" in name:
-            names.append(name)
-    return sorted(names)
+def _torch_threads(settle_s: float = 5.0) -> list[str]:
+    """Names of this process's gloo and TCPStore threads still there after ``settle_s``.
+
+    Linux names threads in /proc. A thread that torch has joined can still be listed there
+    for a moment: ``pthread_join`` returns when the thread clears its tid, a little before
+    the kernel removes its task (seen here for the TCPStore thread about once in 300 joins).
+    So the listing is read until it is empty or ``settle_s`` has passed: a thread still
+    running, as when the group was never freed, is reported; one that was ending is not.
+    """
+    deadline = time.monotonic() + settle_s
+    while True:
+        names = []
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+            except OSError:  # the thread ended meanwhile
+                continue
+            if "gloo" in name or "tcpstore" in name:
+                names.append(name)
+        if not names or time.monotonic() >= deadline:
+            return sorted(names)
+        time.sleep(0.01)  # no event marks a task's removal from /proc: read it again
 
 
 if __name__ == "__main__":
