@@ -76,6 +76,9 @@ MPI_FORWARDED_ENV = "SMDIST_MPI_FORWARDED"
 """Variables the user forwarded with ``-x``: they win over each host's own values."""
 MPI_HOSTS_ENV = "SMDIST_MPI_HOSTS"
 """The job's hosts and processes, ``algo-1:2,algo-2:2``, in node-rank order."""
+DNS_THREAD_PREFIX = "smdist-dns"
+"""The name of the agent's DNS lookup threads: one abandoned when its host's wait ended holds
+no one up at exit (``launch._exit_now``)."""
 DIE_WITH_ENV = "SMDIST_DIE_WITH"
 """Set only for a rank the agent starts through the bootstrap, to the agent's pid: the rank
 asks for the parent-death signal itself (``die_with_agent``), so its start needs no

@@ -29,6 +29,7 @@ from tenacity import (
     wait_random,
 )
 
+from smdist import contract
 from smdist.errors import ConfigError, HostResolutionFailed, RendezvousFailed
 
 if TYPE_CHECKING:
@@ -410,7 +411,9 @@ def resolve_hosts(hosts: Sequence[str], policy: DnsPolicy, log: Log) -> dict[str
         policy.timeout_s,
     )
     start = time.monotonic()
-    pool = ThreadPoolExecutor(min(_MAX_THREADS, len(states)), thread_name_prefix="smdist-dns")
+    pool = ThreadPoolExecutor(
+        min(_MAX_THREADS, len(states)), thread_name_prefix=contract.DNS_THREAD_PREFIX
+    )
 
     def attempt() -> None:
         pending = [s for s in states.values() if s.address is None]

@@ -59,9 +59,15 @@ def _exit_now(code: int) -> None:
     import atexit
     import threading
 
+    from smdist.contract import DNS_THREAD_PREFIX  # loaded long ago: the agent's own
+
     main = threading.main_thread()
     for thread in threading.enumerate():
-        if thread is not main and not thread.daemon and not thread.name.startswith("smdist-dns"):
+        if (
+            thread is not main
+            and not thread.daemon
+            and not thread.name.startswith(DNS_THREAD_PREFIX)
+        ):
             return
     atexit._run_exitfuncs()  # (run once: the interpreter's exit would find none left)
     try:

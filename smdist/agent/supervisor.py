@@ -495,15 +495,17 @@ class Supervisor:
             # thing, checking it was not orphaned already): started without a preexec_fn, it
             # is a vfork of the agent, not a fork copying its memory and running Python code.
             # Any other program cannot ask: the preexec_fn asks for it between fork and exec.
+            # (The first rank may already have its interpreter, started with the agent: it
+            # asked for the signal while it waited.)
             bootstrap = spec.python and tuple(spec.argv[1:3]) == standby.BOOTSTRAP
-            if bootstrap:
-                env = dict(env, **{contract.DIE_WITH_ENV: str(me)})
-            # The first rank may already have its interpreter, started with the agent.
             proc: subprocess.Popen[bytes] | standby.Spawned | None = (
                 standby.take(spec.argv, env) if not self.workers else None
             )
             if proc is None:
                 import subprocess  # here: a one-rank host hands its rank over without it
+
+                if bootstrap:
+                    env = dict(env, **{contract.DIE_WITH_ENV: str(me)})
 
                 with reaper.spawning() as own:  # its own session: registered before it exits
                     proc = subprocess.Popen(
