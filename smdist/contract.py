@@ -176,6 +176,11 @@ class RunDir:
         """An MPI rank's stack dumps (``STACKS_FILE_ENV``)."""
         return self.path / f"rank-{rank}.stacks"
 
+    @property
+    def output_times_file(self) -> Path:
+        """Under MPI, on the master: each rank's last output time (``hang.OutputTimes``)."""
+        return self.path / "output-times"
+
     def pid_file(self, rank: int | str) -> Path:
         """An MPI rank's pid, written by ``smdist.worker.mpi_rank`` (mpirun started it)."""
         return self.path / f"rank-{rank}.pid"

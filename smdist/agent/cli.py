@@ -90,6 +90,7 @@ def _options(ns: argparse.Namespace, entry: list[str], base_dir: Path | None):  
         nproc_given=ns.settings_sources["nproc_per_host"] != "default",
         max_restarts=ns.max_restarts,
         hang_timeout_s=ns.hang_timeout,
+        hang_startup_s=ns.hang_startup,
         restart_pause_s=ns.restart_pause,
     )
 

@@ -9,6 +9,7 @@ a collective (the others are their victims). Their hang is the job's failure.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,14 @@ if TYPE_CHECKING:
 TICK_S = 1.0
 STARTUP_S = 120.0
 """A rank that has not counted a step yet is still starting for this long (importing torch,
-meeting its peers, perhaps logging while it waits for them): not idle, whatever it wrote."""
+meeting its peers, perhaps logging while it waits for them): not idle, whatever it wrote.
+The default of ``--hang-startup``."""
+COUNTED_KEY = "hang/counted/"
+"""Under MPI, ``COUNTED_KEY + host``: the ranks of that host that counted a step (published
+when that set grows: once or twice a job), read by the master, which has their output."""
+OUTPUT_IDLE_KEY = "hang/output-idle"
+"""Under MPI, the master's answer to a hang check for the ranks that counted no step: their
+seconds without output, which their own hosts cannot know (JSON ``{rank: seconds}``)."""
 REPORT_WAIT_S = 5.0
 """How long the host that found a hang waits for every host's stacks before it decides."""
 STRAGGLER_RATIO = 0.5
@@ -55,18 +63,18 @@ class RankSteps:
                 self.first = (now, steps)
             self.steps, self.changed_at = steps, now
 
-    def idle_s(self, now: float, last_output: float) -> tuple[float, str]:
-        """Seconds without progress, and what says so: its steps, or its output (0 while it
-        is still starting: a warning printed while it waits for slower peers to start is
-        no sign of a hang, and it must not be named the cause of another rank's)."""
+    def idle_s(
+        self, now: float, last_output: float, startup_s: float = STARTUP_S
+    ) -> tuple[float, str]:
+        """Seconds without progress, and what says so: its steps, or its output."""
         if self.steps:
             return now - self.changed_at, "steps"
-        if now - self.started < STARTUP_S:
-            return 0.0, "output"
-        return now - max(self.started, last_output), "output"
+        return output_idle_s(now, self.started, last_output, startup_s), "output"
 
-    def hung(self, now: float, last_output: float, timeout_s: float) -> bool:
-        seconds, _ = self.idle_s(now, last_output)
+    def hung(
+        self, now: float, last_output: float, timeout_s: float, startup_s: float = STARTUP_S
+    ) -> bool:
+        seconds, _ = self.idle_s(now, last_output, startup_s)
         return seconds >= timeout_s
 
     def rate(self) -> float | None:
@@ -74,6 +82,76 @@ class RankSteps:
         if self.first is None or self.changed_at <= self.first[0]:
             return None
         return (self.steps - self.first[1]) / (self.changed_at - self.first[0])
+
+
+def output_idle_s(now: float, started: float, last_output: float, startup_s: float) -> float:
+    """Seconds a rank that counted no step has written nothing (0 while it is still
+    starting: a warning printed while it waits for slower peers to start is no sign of a
+    hang, and it must not be named the cause of another rank's)."""
+    if now - started < startup_s:
+        return 0.0
+    return now - max(started, last_output)
+
+
+class OutputTimes:
+    """When each rank of an MPI job last wrote, as the launcher on the master stamps it.
+
+    mpirun tags each piece of output with its rank (``--tag-output``); the launcher, which
+    splits mpirun's output into ranks' lines anyway, writes the time (``time.monotonic``,
+    one clock for every process of the machine) into this rank's 8 bytes of a file in the
+    run dir once per read of mpirun's pipe, and the master's agent reads it at its tick: no
+    system call either side, nothing on the network."""
+
+    __slots__ = ("_map", "cell", "path")
+
+    def __init__(self, path: Path, ranks: int) -> None:
+        import mmap  # the master's under MPI only
+
+        self.path = path
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, 8 * ranks)
+        finally:
+            os.close(fd)
+        self.cell = memoryview(self._map).cast("d")
+
+    @classmethod
+    def create(cls, path: Path, ranks: int) -> OutputTimes:
+        """The agent's side: every rank's time at 0 (never wrote)."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"\0" * (8 * ranks))
+        finally:
+            os.close(fd)
+        return cls(path, ranks)
+
+    def __len__(self) -> int:
+        return len(self.cell)
+
+
+@dataclass
+class RelayedRanks:
+    """The master's watch, under MPI, on the ranks that have counted no step yet: their own
+    hosts read their step counters but not their output (mpirun's, on the master), so the
+    master judges them by their output, as under torch, once it knows they counted none."""
+
+    output: OutputTimes
+    hosts: list[str]
+    """Each rank's host (index: rank)."""
+    started: float = field(default_factory=time.monotonic)
+    counted: set[int] = field(default_factory=set)
+    """Ranks known to have counted a step: judged by their steps, on their own host."""
+
+    def idle_s(self, rank: int, now: float, startup_s: float) -> float:
+        return output_idle_s(now, self.started, self.output.cell[rank], startup_s)
+
+    def quiet(self, now: float, timeout_s: float, startup_s: float) -> list[int]:
+        """The ranks not known to have counted a step, silent for ``timeout_s`` or longer."""
+        return [
+            r
+            for r in range(len(self.hosts))
+            if r not in self.counted and self.idle_s(r, now, startup_s) >= timeout_s
+        ]
 
 
 def open_counter(run_dir: Path, rank: int, local_rank: int) -> RankSteps:

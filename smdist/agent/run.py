@@ -75,6 +75,8 @@ class AgentOptions:
     """Job-wide restarts after a failure a new attempt may fix (restart.py)."""
     hang_timeout_s: float | None = None
     """A rank without progress this long is a hang (hang.py); None: off."""
+    hang_startup_s: float = 120.0
+    """A rank that counted no step is still starting this long (hang.py)."""
     restart_pause_s: float | None = None
     """The pause before the first restart (doubling, at most 30 s); None: the default."""
 
@@ -427,7 +429,9 @@ class _Job:
             abort_grace_s=self.opts.abort_grace_s,
             identify=self.backend.identify,
             hang_timeout_s=self.opts.hang_timeout_s,
+            hang_startup_s=self.opts.hang_startup_s,
             watched=launch.watch,
+            relayed=launch.relayed[0] if launch.relayed else None,
         )
         outcome: Outcome | None = None
         # The supervisor owns the signals while the workers run (it takes over a stop that

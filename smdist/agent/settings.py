@@ -206,6 +206,14 @@ TABLE: tuple[Setting, ...] = (
         "off",
     ),
     Setting(
+        "--hang-startup",
+        seconds,
+        120.0,
+        "with `--hang-timeout`: a rank that has counted no step is still starting for S "
+        "seconds, then judged by its output",
+        "S",
+    ),
+    Setting(
         "--no-hyperparameter-args",
         None,
         False,

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import enum
 import fcntl
+import json
 import os
 import select
 import signal
@@ -25,13 +26,14 @@ from smdist import contract, records, timeline
 from smdist.agent import hang, reaper, stages, standby
 from smdist.agent.rendezvous import Coordinator, JobEvent
 from smdist.contract import STACK_DUMP_SIGNAL
+from smdist.errors import RendezvousFailed
 from smdist.log import log
 from smdist.records import dataclass, field
 
 TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (issue 18)
 if TYPE_CHECKING:  # the report's code is imported when a worker fails (issue 18)
     import subprocess
-    from typing import IO
+    from typing import IO, Any
 
     from smdist.agent.report.failure import WorkerFailure
 
@@ -414,13 +416,17 @@ class Supervisor:
         abort_grace_s: float,
         identify: Callable[[WorkerFailure], WorkerFailure] = lambda failure: failure,
         hang_timeout_s: float | None = None,
+        hang_startup_s: float = hang.STARTUP_S,
         watched: Sequence[hang.RankSteps] = (),
+        relayed: hang.RelayedRanks | None = None,
     ) -> None:
         """``identify``: the backend's say on who failed (a launcher names its rank).
         ``hang_timeout_s``: a rank without progress for this long is a hang (None: off).
+        ``hang_startup_s``: a rank that counted no step is still starting this long.
         ``watched``: the step counters of this host's ranks that mpirun starts (not these
-        workers): judged by their steps alone (their output goes to the master's mpirun),
-        once they counted one; their stacks come from their stacks files."""
+        workers): judged by their steps once they counted one; their stacks come from their
+        stacks files. ``relayed`` (the master under MPI): every rank's last output time,
+        for judging the ranks that counted no step (their hosts publish which did)."""
         self.host = host
         self.specs = list(specs)
         self.coordinator = coordinator
@@ -440,6 +446,10 @@ class Supervisor:
         self._seen: set[int] = set()
         self.hang_timeout_s = hang_timeout_s
         self.watched = list(watched)
+        self.hang_startup_s = hang_startup_s
+        self.relayed = relayed
+        self.counted: set[int] = set()
+        """Ranks of ``watched`` that counted a step, as last published."""
         self.tick_at: float | None = None
         """When to sample the step counters next (None: no worker counts steps)."""
         self.stacks_sent = False
@@ -477,7 +487,7 @@ class Supervisor:
             self.relay.seal()
         for w in self.workers:
             threading.Thread(target=self._wait_worker, args=(w,), daemon=True).start()
-        if self.watched:
+        if self.watched or self.relayed is not None:
             self.tick_at = time.monotonic() + self._tick_s()
 
     def _spawn(self) -> None:
@@ -756,7 +766,8 @@ class Supervisor:
         """Whether the ranks' progress is watched now: while this host's workers run, and,
         for ranks mpirun started, while this host waits at the barrier (the master's mpirun
         runs them; this host has no worker of its own)."""
-        return self.state is State.RUNNING or (self.state is State.BARRIER and bool(self.watched))
+        mpi = bool(self.watched) or self.relayed is not None
+        return self.state is State.RUNNING or (self.state is State.BARRIER and mpi)
 
     def _tick_s(self) -> float:
         return min(hang.TICK_S, self.hang_timeout_s / 4) if self.hang_timeout_s else hang.TICK_S
@@ -779,12 +790,19 @@ class Supervisor:
             if w.steps is not None:
                 w.steps.sample(now)
                 timeout_s = self.hang_timeout_s
-                if timeout_s and w.steps.hung(now, w.activity.last_output, timeout_s):
+                last = w.activity.last_output
+                if timeout_s and w.steps.hung(now, last, timeout_s, self.hang_startup_s):
                     idle.append(w.spec.rank)
         for rs in self.watched:
             rs.sample(now)
             if self.hang_timeout_s and rs.steps and rs.hung(now, 0.0, self.hang_timeout_s):
                 idle.append(rs.rank)
+        if self.hang_timeout_s and self.watched:
+            self._publish_counted()
+        # The master's relay judges while mpirun runs (once it ended, so did every rank).
+        relaying = self.relayed is not None and self.state is State.RUNNING
+        if self.hang_timeout_s and relaying and not self.stacks_sent:
+            idle += self._quiet_relayed(now, self.hang_timeout_s)
         if idle and not self.stacks_sent:
             log.info(
                 "rank(s) %s made no progress for %.0f s (--hang-timeout): reading every "
@@ -796,6 +814,45 @@ class Supervisor:
             self.verdict_at = now + hang.REPORT_WAIT_S
             self._on_stacks_requested()
 
+    def _publish_counted(self) -> None:
+        """Under MPI: tell the master which of this host's ranks counted a step, when that
+        set grows (once or twice a job: the ranks' first steps come together)."""
+        counted = {rs.rank for rs in self.watched if rs.steps}
+        if counted == self.counted:
+            return
+        if self.relayed is not None:
+            self.relayed.counted |= counted  # the master's own: no need to ask
+        else:
+            try:
+                value = ",".join(map(str, sorted(counted)))
+                self.coordinator.publish(hang.COUNTED_KEY + self.host, value)
+            except RendezvousFailed:
+                return  # the next tick tries again (a store gone is the heartbeat's news)
+        self.counted = counted
+
+    def _counted_elsewhere(self) -> set[int]:
+        """The ranks every host said counted a step (one read of the store)."""
+        counted: set[int] = set()
+        for value in self.coordinator.published(hang.COUNTED_KEY).values():
+            counted.update(int(r) for r in value.split(",") if r)
+        return counted
+
+    def _quiet_relayed(self, now: float, timeout_s: float) -> list[int]:
+        """The master under MPI: ranks silent for ``timeout_s`` (past start-up) that counted
+        no step. Their hosts are asked (one store read) only when one is silent that long:
+        a rank that counts steps is known from then on, so this reads at most once or twice
+        a job, and a silent rank that counted none starts the hang check."""
+        assert self.relayed is not None
+        quiet = self.relayed.quiet(now, timeout_s, self.hang_startup_s)
+        mine = {rs.rank for rs in self.watched}
+        if any(r not in mine for r in quiet):
+            try:
+                self.relayed.counted |= self._counted_elsewhere()
+            except RendezvousFailed as exc:  # the store's trouble: the heartbeat reports it
+                log.info("hang watch: cannot read which ranks counted a step: %s", exc)
+                return []
+        return [r for r in quiet if r not in self.relayed.counted]
+
     def _on_stacks_requested(self) -> None:
         """A hang check (asked here or elsewhere): dump this host's stacks and report them
         with each rank's steps and idle time."""
@@ -806,7 +863,8 @@ class Supervisor:
         for w in watched:
             assert w.steps is not None
             w.steps.sample(now)
-            idle[w.spec.rank] = w.steps.idle_s(now, w.activity.last_output)  # before the dump
+            last = w.activity.last_output
+            idle[w.spec.rank] = w.steps.idle_s(now, last, self.hang_startup_s)  # before the dump
             w.activity.capture = []
         self._dump_stacks(watched)
         _await_dumps(watched, STACK_READ_S)
@@ -816,14 +874,35 @@ class Supervisor:
             dump, w.activity.capture = w.activity.capture or [], None
             seconds, judged_by = idle[w.spec.rank]
             reports.append(hang.rank_report(self.host, w.steps, seconds, judged_by, dump))
+        output_idle = self._publish_output_idle(now)
         dumps = _dump_watched(self.host, self.watched)
         for rs in self.watched:
             rs.sample(now)
-            # Without a step counted, its progress is unknown here (its output is mpirun's).
-            seconds, judged_by = rs.idle_s(now, 0.0) if rs.steps else (0.0, "steps")
+            # Without a step counted, its output says (the master's mpirun has it: 0 here
+            # on another host, and the verdict takes the master's word, OUTPUT_IDLE_KEY).
+            seconds, judged_by = (
+                rs.idle_s(now, 0.0) if rs.steps else (output_idle.get(rs.rank, 0.0), "output")
+            )
             dump = dumps.get(rs.rank, [])
             reports.append(hang.rank_report(self.host, rs, seconds, judged_by, dump))
         self.coordinator.put_stacks(reports)
+
+    def _publish_output_idle(self, now: float) -> dict[int, float]:
+        """The master under MPI, on a hang check: publish (before its report, so a verdict
+        that has the master's report has this too) each rank's seconds without output,
+        for the ranks not known to have counted a step."""
+        if self.relayed is None:
+            return {}
+        with contextlib.suppress(RendezvousFailed):  # at worst: judged by output, as before
+            self.relayed.counted |= self._counted_elsewhere()
+        idle = {
+            r: self.relayed.idle_s(r, now, self.hang_startup_s)
+            for r in range(len(self.relayed.hosts))
+            if r not in self.relayed.counted
+        }
+        with contextlib.suppress(RendezvousFailed):
+            self.coordinator.publish(hang.OUTPUT_IDLE_KEY, json.dumps(idle))
+        return idle
 
     def _on_stack_reports(self) -> None:
         """This host found the hang: once every host reported (or time is up), the rank(s)
@@ -836,6 +915,7 @@ class Supervisor:
         if missing:
             log.info("hang check: no stacks from %s; deciding without them", ", ".join(missing))
         ranks = [r for host in reports.values() for r in host]
+        self._merge_output_idle(ranks)
         culprits = hang.first_stuck(ranks, self.hang_timeout_s)
         if not culprits:
             return
@@ -855,6 +935,18 @@ class Supervisor:
                 record=hang.hang_record(culprits, self.hang_timeout_s),
             )
         )
+
+    def _merge_output_idle(self, ranks: Sequence[dict[str, Any]]) -> None:
+        """Under MPI: a rank that counted no step is as idle as the master's relay says."""
+        try:
+            value = self.coordinator.published(hang.OUTPUT_IDLE_KEY).get(hang.OUTPUT_IDLE_KEY)
+            idle = {int(r): float(s) for r, s in json.loads(value or "{}").items()}
+        except (RendezvousFailed, ValueError):
+            return
+        for r in ranks:
+            if not r["steps"] and int(r["rank"]) in idle:
+                r["idle_s"] = round(max(float(r["idle_s"]), idle[int(r["rank"])]), 1)
+                r["judged_by"] = "output"
 
     def step_rates(self) -> dict[int, float]:
         rates = {}

@@ -19,7 +19,7 @@ TYPE_CHECKING = False  # not typing's: the agent's start-up does without it (iss
 if TYPE_CHECKING:
     from typing import Protocol
 
-    from smdist.agent.hang import RankSteps
+    from smdist.agent.hang import RankSteps, RelayedRanks
     from smdist.agent.report.failure import WorkerFailure
 else:
     Protocol = object  # the structural type exists for mypy only
@@ -42,6 +42,8 @@ class Launch:
     watch: list[RankSteps] = field(default_factory=list)
     """Step counters of ranks on this host that another process starts (mpirun): the
     backend adds them, the supervisor reads them (hang detection, step rates)."""
+    relayed: list[RelayedRanks] = field(default_factory=list)
+    """Under MPI, on the master (one): every rank's last output time, for the hang watch."""
 
 
 class Backend(Protocol):

@@ -42,6 +42,7 @@ from typing import IO, Any
 
 from smdist import contract, records
 from smdist.agent.backends.base import Launch, nproc_from_flag
+from smdist.agent.hang import OutputTimes, RelayedRanks, open_counter
 from smdist.agent.rendezvous import Coordinator, JobEvent, JobPlan
 from smdist.agent.report.failure import WorkerFailure
 from smdist.agent.supervisor import PIPE_BYTES, READ_BYTES, WorkerSpec
@@ -749,10 +750,8 @@ def _worker_specs(
     )
     write_host_file(run_dir, host, slot.node_rank, env)
     if host in world:  # the step counters of the ranks mpirun will start on this host
-        from smdist.agent import hang
-
         first = sum(nprocs[h] for h in world[: world.index(host)])
-        launch.watch.extend(hang.open_counter(run_dir, first + i, i) for i in range(nprocs[host]))
+        launch.watch.extend(open_counter(run_dir, first + i, i) for i in range(nprocs[host]))
     link = job_dir(plan)
     _link_host_dir(link, host, run_dir)
     port = ssh_port(base_env)
@@ -836,11 +835,17 @@ def _worker_specs(
         log.info("MPI: from %s: %s", CUSTOM_HP, describe_custom(opts.custom))
     log.info("mpirun: %s", shlex.join(argv))
     error_file = contract.RunDir(run_dir).launcher_error_file
+    # Each rank's last output time, stamped by the launcher: the master's hang watch judges
+    # a rank that counted no step by it (its own host sees its steps, not its output).
+    rank_hosts = [h for h in world for _ in range(nprocs[h])]
+    output = OutputTimes.create(contract.RunDir(run_dir).output_times_file, len(rank_hosts))
+    launch.relayed.append(RelayedRanks(output, rank_hosts))
     launcher = [
         sys.executable, "-m", "smdist.agent.backends.mpi",
         "--error-file", str(error_file),
         "--job-dir", str(link),
         "--hosts", layout_arg,
+        "--output-times", str(output.path),
         "--", *argv,
     ]  # fmt: skip
     return [
@@ -918,8 +923,10 @@ class _Relay:
     and the newline ends the line of the last tag before it.
     """
 
-    def __init__(self, hosts: Sequence[tuple[str, int]]) -> None:
+    def __init__(self, hosts: Sequence[tuple[str, int]], output: OutputTimes | None = None) -> None:
         self.hosts = hosts
+        self.output = output
+        """Where each rank's last output time goes (read by the master's hang watch)."""
         self.rank_tails: dict[int, collections.deque[str]] = {}
         self.mpirun_tail: collections.deque[str] = collections.deque(maxlen=200)
         self.lock = threading.Lock()
@@ -960,17 +967,27 @@ class _Relay:
             rest += chunk
             cut = rest.rfind(b"\n")
             if cut >= 0:
-                self._write(dst, self._lines(rest[:cut].split(b"\n"), pending))
+                seen: set[int] = set()
+                self._write(dst, self._lines(rest[:cut].split(b"\n"), pending, seen))
                 rest = rest[cut + 1 :]
+                if self.output is not None and seen:
+                    now = time.monotonic()  # once a read, for the ranks it brought
+                    cells = self.output.cell
+                    for rank in seen:
+                        if rank < len(cells):
+                            cells[rank] = now
         out = self._lines([rest], pending) if rest else []
         out += [self._line(rank, stream, text) for (rank, stream), text in pending.items() if text]
         self._write(dst, out)
 
     def _lines(
-        self, lines: Sequence[bytes], pending: dict[tuple[int, bytes], bytes]
+        self,
+        lines: Sequence[bytes],
+        pending: dict[tuple[int, bytes], bytes],
+        seen: set[int] | None = None,
     ) -> list[bytes]:
         """mpirun's ``lines`` as whole rank lines: a rank's text without its newline yet
-        waits in ``pending``."""
+        waits in ``pending``. ``seen``: gets each rank that wrote a line."""
         out = []
         for line in lines:
             parts = _TAG.split(line)
@@ -981,6 +998,8 @@ class _Relay:
                 last = (int(parts[i]), parts[i + 1])
                 pending[last] = pending.get(last, b"") + parts[i + 2]
             if last is not None:
+                if seen is not None:
+                    seen.add(last[0])
                 out.append(self._line(last[0], last[1], pending.pop(last)))
         return out
 
@@ -1006,8 +1025,15 @@ def _root_record(root: RootCause, job: Path, tail: Sequence[str]) -> dict[str, A
     return record
 
 
-def launch(argv: Sequence[str], hosts: Sequence[tuple[str, int]], job: Path, error: Path) -> int:
-    """Run mpirun; on failure write the root cause's record to ``error``; return its code."""
+def launch(
+    argv: Sequence[str],
+    hosts: Sequence[tuple[str, int]],
+    job: Path,
+    error: Path,
+    output_times: Path | None = None,
+) -> int:
+    """Run mpirun; on failure write the root cause's record to ``error``; return its code.
+    ``output_times``: the file (``hang.OutputTimes``) to stamp each rank's last output in."""
     # SIGTERM reaches mpirun through the process group and mpirun stops the ranks; this
     # process stays to report. A handler (not SIG_IGN) so mpirun starts with the default.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -1019,7 +1045,10 @@ def launch(argv: Sequence[str], hosts: Sequence[tuple[str, int]], job: Path, err
         stderr=subprocess.PIPE,
         preexec_fn=contract.exec_dying_with(os.getpid()),  # die with this launcher
     )
-    relay = _Relay(hosts)
+    output = None
+    if output_times is not None:
+        output = OutputTimes(output_times, sum(n for _, n in hosts))
+    relay = _Relay(hosts, output)
     assert proc.stdout is not None and proc.stderr is not None
     threads = [
         threading.Thread(target=relay.run, args=(proc.stdout, sys.stdout.buffer), daemon=True),
@@ -1067,6 +1096,7 @@ def main(args: Sequence[str] | None = None) -> int:
     p.add_argument("--error-file", required=True, type=Path)
     p.add_argument("--job-dir", required=True, type=Path)
     p.add_argument("--hosts", required=True)
+    p.add_argument("--output-times", type=Path)
     p.add_argument("mpirun", nargs=argparse.REMAINDER)
     ns = p.parse_args(args)
     argv = ns.mpirun[1:] if ns.mpirun[:1] == ["--"] else ns.mpirun
@@ -1077,7 +1107,7 @@ def main(args: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         p.error(str(exc))
     try:
-        return launch(argv, hosts, ns.job_dir, ns.error_file)
+        return launch(argv, hosts, ns.job_dir, ns.error_file, ns.output_times)
     except (OSError, SmdistError) as exc:
         sys.stderr.write(f"smdist: cannot run mpirun: {exc}\n")
         return 1
