@@ -148,6 +148,17 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.05)
 
 
+def read_pids(paths: Sequence[Path]) -> list[int] | None:
+    """The pid each of ``paths`` holds, once every one holds it (else None), for
+    ``wait_for``. A worker's ``open(path, "w").write(str(pid))`` creates the file before
+    its pid is in it: a file that exists can still read empty."""
+    try:
+        texts = [p.read_text() for p in paths]
+    except FileNotFoundError:
+        return None
+    return [int(t) for t in texts] if all(texts) else None
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

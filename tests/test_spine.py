@@ -17,6 +17,7 @@ from tests.helpers import (
     free_port,
     make_tree,
     pid_alive,
+    read_pids,
     run,
     start,
     start_hosts,
@@ -264,15 +265,7 @@ def test_sigkilled_agent_leaves_no_worker_behind(tmp_path: Path) -> None:
     )
     script = write_script(tmp_path / "t.py", body)
     agent = start(["--opt-ml", str(root), "--nproc-per-host", "2", str(script)])
-    pids = wait_for(
-        lambda: (
-            [int((tmp_path / f"pid-{r}").read_text() or 0) for r in range(2)]
-            if all((tmp_path / f"pid-{r}").exists() for r in range(2))
-            else None
-        ),
-        60,
-        "worker pids",
-    )
+    pids = wait_for(lambda: read_pids([tmp_path / f"pid-{r}" for r in range(2)]), 60, "worker pids")
     assert all(pid_alive(p) for p in pids)
     agent.kill()
     agent.communicate(timeout=10)
