@@ -27,6 +27,7 @@ from tests.helpers import (
     free_port,
     make_tree,
     pid_alive,
+    read_pids,
     run,
     run_mpirun,
     start_hosts,
@@ -815,11 +816,7 @@ def test_two_hosts_master_killed_worker_host_exits_and_no_rank_survives(
     procs = _start_two_hosts(tmp_path, script, job_ssh, "--heartbeat-timeout", "3")
     try:
         pids = wait_for(
-            lambda: (
-                [int((tmp_path / f"pid-{r}").read_text()) for r in range(4)]
-                if all((tmp_path / f"pid-{r}").exists() for r in range(4))
-                else None
-            ),
+            lambda: read_pids([tmp_path / f"pid-{r}" for r in range(4)]),
             45,
             "all four ranks to start",
         )
