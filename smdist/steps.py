@@ -16,6 +16,10 @@ from pathlib import Path
 from smdist.contract import STEPS_FILE_ENV
 
 SIZE = 8
+FINISHED = 1 << 63
+"""Set in the counter (beside the count) when the rank's training function or script ended:
+what follows is its way out (meeting its peers at the end, freeing the process group, the
+interpreter's teardown), which the agent gives ``--hang-timeout`` afresh."""
 
 
 class StepCounter:
@@ -42,8 +46,10 @@ class StepCounter:
             os.close(fd)
         return cls(path)
 
-    def read(self) -> int:
-        return int(self.cell[0])
+    def read(self) -> tuple[int, bool]:
+        """(steps counted, whether the rank has finished)."""
+        value = int(self.cell[0])
+        return value & ~FINISHED, bool(value & FINISHED)
 
 
 _counter: StepCounter | None = None
@@ -71,3 +77,12 @@ def progress() -> None:
     counter = _counter if _looked else _open()
     if counter is not None:
         counter.cell[0] += 1
+
+
+def finished() -> None:
+    """Tell smdist this rank's work is done: its training function (the decorator) or its
+    script (the bootstrap) ended, and it is on its way out. Outside smdist-run it does
+    nothing."""
+    counter = _counter if _looked else _open()
+    if counter is not None:
+        counter.cell[0] |= FINISHED

@@ -8,10 +8,12 @@ Timings are printed and asserted only as generous hang guards; bench/ measures t
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-from tests.helpers import make_tree, run, write_script
+from tests.helpers import env, make_tree, run, write_script
 
 HANGS = """
 import os, time
@@ -73,11 +75,90 @@ def test_a_hang_with_a_restart_budget_restarts_and_finishes(tmp_path: Path) -> N
     out.mkdir()
     script = write_script(tmp_path / "job.py", HANGS.format(out=str(out)))
     opt_ml = make_tree(tmp_path / "opt_ml")
-    args = ["--opt-ml", str(opt_ml), "--nproc-per-host", "2", "--hang-timeout", str(TIMEOUT_S)]
+    # A longer timeout than the first test's: the second attempt's ranks, which import torch
+    # and tear it down on a loaded machine, must never be idle that long (a CI run at load 13
+    # once saw 4 s between a rank's last step and its exit, before its way out got a fresh
+    # timeout: test_a_rank_on_its_way_out_gets_the_timeout_afresh).
+    timeout_s = 3 * TIMEOUT_S
+    args = ["--opt-ml", str(opt_ml), "--nproc-per-host", "2", "--hang-timeout", str(timeout_s)]
     r = run([*args, "--max-restarts", "1", str(script)], timeout=180)
     assert r.returncode == 0, r.stderr
     assert "attempt 1 failed (Hang: rank 1 on algo-1 made no progress" in r.stderr
     assert sorted(p.name for p in out.glob("done-*")) == ["done-0-1", "done-1-1"]
+
+
+SLOW_WAY_OUT = """
+import atexit, time
+import smdist
+
+@smdist.main
+def train(ctx):
+    for _ in range(3):
+        if ctx.should_stop:
+            break
+    time.sleep(6)  # the last work counts no step (an evaluation): under --hang-timeout 8
+
+atexit.register(time.sleep, 5)  # then a slow way out: 11 s since the last step in all
+train()
+"""
+
+
+def test_a_rank_on_its_way_out_gets_the_timeout_afresh(tmp_path: Path) -> None:
+    """Its training function returned: meeting its peers, freeing the process group and the
+    interpreter's teardown are timed from then, not from its last step (a job that did all
+    its work must not end as a Hang because its exit was slow)."""
+    script = write_script(tmp_path / "job.py", SLOW_WAY_OUT)
+    opt_ml = make_tree(tmp_path / "opt_ml")
+    args = ["--opt-ml", str(opt_ml), "--nproc-per-host", "1", "--hang-timeout", "8"]
+    r = run([*args, str(script)], timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "made no progress" not in r.stderr, r.stderr
+    assert not (opt_ml / "output" / "failure").exists()
+
+
+STUCK_ON_THE_WAY_OUT = """
+import threading, time
+import smdist
+
+@smdist.main
+def train(ctx):
+    for _ in range(3):
+        if ctx.should_stop:
+            break
+    threading.Thread(target=time.sleep, args=(3600,)).start()  # forgotten, not a daemon
+
+train()  # the interpreter's exit waits for that thread forever
+"""
+
+
+def test_a_rank_stuck_on_its_way_out_is_still_found(tmp_path: Path) -> None:
+    script = write_script(tmp_path / "job.py", STUCK_ON_THE_WAY_OUT)
+    opt_ml = make_tree(tmp_path / "opt_ml")
+    args = ["--opt-ml", str(opt_ml), "--nproc-per-host", "1", "--hang-timeout", str(TIMEOUT_S)]
+    r = run([*args, str(script)], timeout=120)
+    assert r.returncode == 1, r.stderr
+    first = (opt_ml / "output" / "failure").read_text().splitlines()[0]
+    assert first.startswith("Hang: rank 0 on algo-1 made no progress for"), first
+    assert "after its work ended (on its way out)" in first, first
+
+
+LATE_DUMP = """
+import faulthandler, os, signal
+faulthandler.unregister(signal.SIGUSR1)  # as the interpreter's teardown does, at the end
+os.kill(os.getpid(), signal.SIGUSR1)  # a hang check's dump asked for just then
+print("alive")
+"""
+
+
+def test_a_dump_asked_for_after_faulthandler_is_gone_does_not_kill_the_rank(
+    tmp_path: Path,
+) -> None:
+    # SIGUSR1's default action ends a process: a rank whose work was done, already tearing
+    # down its interpreter, would be reported as killed by the agent's own request.
+    script = write_script(tmp_path / "late.py", LATE_DUMP)
+    boot = [sys.executable, "-m", "smdist.worker.bootstrap", str(script)]
+    r = subprocess.run(boot, capture_output=True, text=True, env=env(), timeout=60)
+    assert (r.returncode, r.stdout) == (0, "alive\n"), r.stderr
 
 
 STEPPING = """

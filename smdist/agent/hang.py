@@ -55,9 +55,14 @@ class RankSteps:
     changed_at: float = field(default_factory=time.monotonic)
     first: tuple[float, int] | None = None
     """(when, steps) of the first step seen: the rate leaves start-up out."""
+    finished_at: float | None = None
+    """When it was first seen finished (``smdist.steps.FINISHED``): from then on it is on its
+    way out, which gets the timeout afresh (a rank at the end may wait for slower peers)."""
 
     def sample(self, now: float) -> None:
-        steps = self.counter.read()
+        steps, finished = self.counter.read()
+        if finished and self.finished_at is None:
+            self.finished_at = now
         if steps != self.steps:
             if self.first is None:
                 self.first = (now, steps)
@@ -66,7 +71,10 @@ class RankSteps:
     def idle_s(
         self, now: float, last_output: float, startup_s: float = STARTUP_S
     ) -> tuple[float, str]:
-        """Seconds without progress, and what says so: its steps, or its output."""
+        """Seconds without progress, and what says so: its steps, or its output. Once it
+        has finished: the time since then, or since its last step if that came later."""
+        if self.finished_at is not None:
+            return now - max(self.finished_at, self.changed_at), "exit"
         if self.steps:
             return now - self.changed_at, "steps"
         return output_idle_s(now, self.started, last_output, startup_s), "output"

@@ -816,8 +816,10 @@ class Supervisor:
 
     def _publish_counted(self) -> None:
         """Under MPI: tell the master which of this host's ranks counted a step, when that
-        set grows (once or twice a job: the ranks' first steps come together)."""
-        counted = {rs.rank for rs in self.watched if rs.steps}
+        set grows (once or twice a job: the ranks' first steps come together). A rank that
+        finished counts too: silent in MPI_Finalize while a slower peer works on, it is not
+        to be judged by its output (its way out is timed by its steps, when it has any)."""
+        counted = {rs.rank for rs in self.watched if rs.steps or rs.finished_at is not None}
         if counted == self.counted:
             return
         if self.relayed is not None:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from smdist import contract
 from smdist.config import decode_hyperparameter, resolve_root
-from smdist.steps import progress
+from smdist.steps import finished, progress
 from smdist.worker import environment
 
 T = TypeVar("T")
@@ -313,6 +313,7 @@ class _Main:
         finally:
             watcher.close()
             if ended_well:
+                finished()  # what is left is the way out: it gets --hang-timeout afresh
                 _leave_process_group(meet=not ctx._stop.is_set())
 
 

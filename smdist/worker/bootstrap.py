@@ -17,6 +17,7 @@ import io
 import os
 import pwd
 import runpy
+import signal
 import sys
 import time
 import traceback
@@ -312,6 +313,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.write("usage: python -m smdist.worker.bootstrap SCRIPT|-m MODULE [ARGS...]\n")
         raise SystemExit(2)
     faulthandler.enable()
+    # Ignored underneath: the interpreter's teardown unregisters faulthandler, which puts
+    # back what it found, and a dump the agent asks for then must not kill a rank whose work
+    # is done (SIGUSR1's default action; seen under load as "worker died of SIGUSR1").
+    signal.signal(STACK_DUMP_SIGNAL, signal.SIG_IGN)
     faulthandler.register(STACK_DUMP_SIGNAL, file=_stacks_file(), all_threads=True, chain=False)
     if not os.environ.get("PYTHONUNBUFFERED"):
         # The agent relays output live (CloudWatch reads it as it comes): flush every line
@@ -340,12 +345,23 @@ def main(argv: list[str] | None = None) -> None:
             record["message"] = message
             write_record(record)
         else:
+            _finished()
             release_process_groups()
         raise
     except BaseException as exc:
         record_exception(exc)
         raise
+    _finished()
     release_process_groups()
+
+
+def _finished() -> None:
+    """The script ended well: the agent gives its way out --hang-timeout afresh (once: the
+    decorator may have said so already, when the training function returned)."""
+    if os.environ.get(contract.STEPS_FILE_ENV):
+        from smdist.steps import finished
+
+        finished()
 
 
 if __name__ == "__main__":

@@ -222,6 +222,8 @@ def _classify_hang(rec: Mapping[str, Any]) -> Classification:
     by = ""
     if rec.get("judged_by") == "output":
         by = " (judged by its output: it never counted a step)"
+    elif rec.get("judged_by") == "exit":
+        by = " after its work ended (on its way out)"
     reason = (
         f"rank {top.get('rank')} on {top.get('host')} made no progress for "
         f"{float(rec.get('idle_s') or 0):.0f} s{where}{by}"
