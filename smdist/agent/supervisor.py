@@ -39,7 +39,11 @@ if TYPE_CHECKING:  # the report's code is imported when a worker fails (issue 18
 
 TAIL_LINES = 50
 MAX_LINE = 1 << 20  # a line longer than this is relayed in pieces rather than held
-STACK_DUMP_WAIT_S = 0.2
+STACK_DUMP_WAIT_S = 1.0
+"""At most this long for the survivors' stack dumps before an abort's SIGTERM. The wait ends as
+soon as they are in (within 35 ms even with four busy loops on one core), so the bound only
+matters on a machine slower than that: a rank not dumping yet when SIGTERM comes dies
+without its dump, which is what the bound is for."""
 BARRIER_LOG_EVERY_S = 60.0
 STACK_READ_S = 2.0
 """How long a hang check waits for the ranks' stack dumps to arrive in their output."""
