@@ -142,6 +142,94 @@ def test_a_rank_stuck_on_its_way_out_is_still_found(tmp_path: Path) -> None:
     assert "after its work ended (on its way out)" in first, first
 
 
+UNEVEN_END = """
+import time
+import smdist
+
+@smdist.main
+def train(ctx):
+    for _ in range(3 if ctx.rank == 0 else 50):  # rank 0's shard is the shorter
+        smdist.progress()  # not ctx.should_stop: its all-reduce needs every rank, each time
+        if ctx.rank == 1:
+            time.sleep(0.2)  # a step: 10 s in all, while rank 0 waits at the end
+
+train()
+"""
+
+
+def test_a_rank_done_first_waits_for_the_others_without_a_hang(tmp_path: Path) -> None:
+    """Uneven ends are normal (uneven shards, rank 0's extra evaluation): the rank whose work
+    ended first waits at the end longer than --hang-timeout while the other counts steps."""
+    script = write_script(tmp_path / "job.py", UNEVEN_END)
+    work = tmp_path / "work"
+    args = ["--simulate", "2x1", "--work-dir", str(work), "--hang-timeout", str(TIMEOUT_S)]
+    r = run([*args, str(script)], timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "made no progress" not in r.stderr, r.stderr
+    assert not (work / "algo-1" / "output" / "failure").exists()
+
+
+HANG_AFTER_A_RANK_IS_DONE = """
+import time
+import smdist
+
+def next_batch():
+    time.sleep(3600)  # a deadlocked data loader
+
+@smdist.main
+def train(ctx):
+    for step in range(3 if ctx.rank == 0 else 10):  # rank 0's work ends after 3 steps
+        smdist.progress()
+        if step == 9:  # rank 1, past every step rank 0 counted
+            next_batch()
+
+train()
+"""
+
+
+def test_a_hang_after_a_rank_is_done_names_the_rank_still_working(tmp_path: Path) -> None:
+    # Rank 0, done and waiting at the end, has the fewer steps: not the cause of rank 1's hang.
+    script = write_script(tmp_path / "job.py", HANG_AFTER_A_RANK_IS_DONE)
+    opt_ml = make_tree(tmp_path / "opt_ml")
+    args = ["--opt-ml", str(opt_ml), "--nproc-per-host", "2", "--hang-timeout", str(TIMEOUT_S)]
+    r = run([*args, str(script)], timeout=180)
+    assert r.returncode == 1, r.stderr
+    first = (opt_ml / "output" / "failure").read_text().splitlines()[0]
+    assert first.startswith("Hang: rank 1 on algo-1 made no progress for"), first
+    assert "stuck at job.py:6 in next_batch" in first, first
+
+
+STUCK_ON_THE_WAY_OUT_ON_ONE_HOST = """
+import threading, time
+import smdist
+
+@smdist.main
+def train(ctx):
+    for _ in range(3):
+        if ctx.should_stop:
+            break
+    if ctx.rank == 1:
+        threading.Thread(target=time.sleep, args=(3600,)).start()  # forgotten, not a daemon
+
+train()  # rank 1's exit waits for that thread forever; rank 0 (the other host) ends well
+"""
+
+
+def test_a_rank_stuck_on_its_way_out_is_found_by_its_host_when_the_other_is_done(
+    tmp_path: Path,
+) -> None:
+    # The other host's rank exited: that host said its ranks were done before it left.
+    script = write_script(tmp_path / "job.py", STUCK_ON_THE_WAY_OUT_ON_ONE_HOST)
+    work = tmp_path / "work"
+    args = ["--simulate", "2x1", "--work-dir", str(work), "--hang-timeout", str(TIMEOUT_S)]
+    r = run([*args, str(script)], timeout=180)
+    assert r.returncode == 1, r.stderr
+    for host in ("algo-1", "algo-2"):
+        first = (work / host / "output" / "failure").read_text().splitlines()[0]
+        assert first.startswith("Hang: rank 1 on algo-2 made no progress for"), first
+        assert "after its work ended (on its way out)" in first, first
+
+
 LATE_DUMP = """
 import faulthandler, os, signal
 faulthandler.unregister(signal.SIGUSR1)  # as the interpreter's teardown does, at the end
@@ -208,3 +296,11 @@ def test_the_first_rank_to_stop_outside_a_collective_is_the_cause() -> None:
     behind = [rank(0, 10, 60, True), rank(1, 9, 61, True), rank(2, 10, 60, True)]
     assert [r["rank"] for r in first_stuck(behind, 60)] == [1]
     assert first_stuck([rank(0, 3, 1, False)], 60) == []  # progressing again
+
+    def done(r: int, steps: int, idle: float) -> dict[str, object]:
+        return dict(rank(r, steps, idle, True), finished=True)
+
+    # A rank done with its work waits for the others: never the cause while one still works.
+    assert [r["rank"] for r in first_stuck([done(0, 3, 90), rank(1, 10, 60, False)], 60)] == [1]
+    assert first_stuck([done(0, 3, 90), rank(1, 10, 1, False)], 60) == []
+    assert [r["rank"] for r in first_stuck([done(0, 3, 90), done(1, 10, 60)], 60)] == [0]

@@ -5,6 +5,10 @@ judged by its output instead) starts a job-wide check: every host dumps its rank
 stacks and reports each rank's steps, idle time and innermost frames. The rank(s) that
 stopped *first* are the cause: the fewest steps, and of those the ones not waiting inside
 a collective (the others are their victims). Their hang is the job's failure.
+
+A rank whose work is done (``smdist.steps.FINISHED``) waits for the others at the end: it
+starts a check only once every host's ranks are done too (``Coordinator.on_way_out``), and
+is named only when no rank still works.
 """
 
 from __future__ import annotations
@@ -200,6 +204,7 @@ def rank_report(
         "steps": rs.steps,
         "idle_s": round(idle, 1),
         "judged_by": judged_by,
+        "finished": rs.finished_at is not None,
         "in_collective": any(p in str(f["file"]) for f in frames[-8:] for p in _COLLECTIVE_FILES),
         "frames": [dict(f, user=_is_user(f)) for f in frames[-20:]],
         "where": _where(user[-1]) if user else (_where(frames[-1]) if frames else None),
@@ -212,8 +217,13 @@ def _where(frame: Mapping[str, Any]) -> str:
 
 def first_stuck(ranks: Sequence[Mapping[str, Any]], timeout_s: float) -> list[Mapping[str, Any]]:
     """The rank(s) that stopped first: of the idle ones, the fewest steps; of those, the
-    ones not waiting in a collective (when every one is, all of them)."""
-    idle = [r for r in ranks if float(r["idle_s"]) >= timeout_s / 2]
+    ones not waiting in a collective (when every one is, all of them).
+
+    A rank that finished its work is no cause while a rank still works: it waits for it (an
+    uneven end), and its steps, fewer than a working rank's perhaps, say nothing of who
+    stopped first. Finished ranks are judged only when every rank reported has finished."""
+    working = [r for r in ranks if not r.get("finished")]
+    idle = [r for r in working or ranks if float(r["idle_s"]) >= timeout_s / 2]
     if not idle:
         return []
     least = min(int(r["steps"]) for r in idle)

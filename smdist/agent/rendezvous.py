@@ -37,6 +37,9 @@ FINISHED_ALL = "finishedall"
 FINISHED = "done/"
 INVENTORY = "inventory/"
 INVENTORIED_ALL = "inventoriedall"
+WAY_OUT = "hang/wayout"
+"""How many hosts have every rank on its way out (``Coordinator.on_way_out``): a counter,
+one key, so that a host waiting on its own finished ranks reads one value per look."""
 PUBLISHED = "pub/"  # keys of Coordinator.publish, apart from the coordinator's own
 STOP_NOTICE_S = 1.0
 """How long a host stopped at the rendezvous spends telling the others (bounded: a stop
@@ -128,6 +131,13 @@ class Coordinator(Protocol):
     def unfinished(self) -> list[str]:
         """Hosts whose workers are still running (for the exit barrier's progress line)."""
 
+    def on_way_out(self) -> bool:
+        """Every rank of this host finished its work (said once per attempt, by hosts that
+        watch for hangs; a host without ranks too); True when that makes every host's."""
+
+    def all_on_way_out(self) -> bool:
+        """Whether every host's ranks finished their work (one read)."""
+
     def publish(self, key: str, value: str) -> None:
         """Share ``key`` with every host's agent (e.g. a backend's readiness)."""
 
@@ -175,6 +185,7 @@ class LocalCoordinator:
         self._event: JobEvent | None = None
         self._done = False
         self._published: dict[str, str] = {}
+        self._way_out = False
         self._stacks_requested = False
         self._stacks: list[dict[str, Any]] | None = None
 
@@ -199,6 +210,13 @@ class LocalCoordinator:
 
     def unfinished(self) -> list[str]:
         return []
+
+    def on_way_out(self) -> bool:
+        self._way_out = True
+        return True
+
+    def all_on_way_out(self) -> bool:
+        return self._way_out
 
     def publish(self, key: str, value: str) -> None:
         self._published[key] = value
@@ -839,6 +857,18 @@ class StoreCoordinator:
                 self._ctl.set(FINISHED_ALL, "1")
         except StoreUnavailable as exc:
             self._lost(self.layout.master, str(exc))
+
+    def on_way_out(self) -> bool:
+        try:
+            return self._ctl.add(WAY_OUT, 1) >= len(self.layout.slots)
+        except StoreUnavailable:
+            return False  # the watcher reports the master's store gone
+
+    def all_on_way_out(self) -> bool:
+        try:
+            return int(self._ctl.get(WAY_OUT) or 0) >= len(self.layout.slots)
+        except (StoreUnavailable, ValueError):
+            return False
 
     def _publish_inventory(self) -> None:
         """Every host's workers finished (none writes any more, here, on a host sharing this

@@ -460,6 +460,11 @@ class Supervisor:
         """This host has reported its ranks' stacks for a hang check."""
         self.verdict_at: float | None = None
         """This host asked for a hang check: decide by then at the latest."""
+        self.way_out_said = False
+        """This host said every rank of its own finished its work (``on_way_out``)."""
+        self.job_out_at: float | None = None
+        """When this host learnt every host's ranks finished their work: a rank on its way
+        out is timed from then at the earliest (before, it may wait for a slower peer)."""
         self._signals: list[int] = []
         self.relay = Relay()
         self._wake_r, self._wake_w = os.pipe()
@@ -735,6 +740,8 @@ class Supervisor:
     def _on_workers_gone(self) -> Outcome | None:
         """Every worker here has exited: enter the exit barrier, or end with the outcome."""
         if self.state is State.RUNNING:
+            if self.hang_timeout_s:
+                self._say_way_out(time.monotonic())  # the others may wait on this host's say
             self.coordinator.finished()
             self._enter(State.BARRIER, BARRIER_LOG_EVERY_S)
         if self.state is State.BARRIER:
@@ -787,36 +794,73 @@ class Supervisor:
             self._on_stack_reports()
 
     def _on_tick(self, now: float) -> None:
-        """Sample the step counters; a rank idle past --hang-timeout starts a hang check."""
+        """Sample the step counters; a rank idle past --hang-timeout starts a hang check (a
+        rank whose work is done only once every host's is, and timed from then)."""
         self.tick_at = now + self._tick_s()
-        idle = []
+        timeout_s = self.hang_timeout_s
+        idle: list[int] = []
+        out: list[int] = []  # done with their work, idle since: waiting for a peer, or stuck
         for w in self._live():
             if w.steps is not None:
                 w.steps.sample(now)
-                timeout_s = self.hang_timeout_s
                 last = w.activity.last_output
                 if timeout_s and w.steps.hung(now, last, timeout_s, self.hang_startup_s):
-                    idle.append(w.spec.rank)
+                    (idle if w.steps.finished_at is None else out).append(w.spec.rank)
         for rs in self.watched:
             rs.sample(now)
-            if self.hang_timeout_s and rs.steps and rs.hung(now, 0.0, self.hang_timeout_s):
-                idle.append(rs.rank)
+            if timeout_s and rs.steps and rs.hung(now, 0.0, timeout_s):
+                (idle if rs.finished_at is None else out).append(rs.rank)
+        if timeout_s:
+            self._say_way_out(now)
         if self.hang_timeout_s and self.watched:
             self._publish_counted()
         # The master's relay judges while mpirun runs (once it ended, so did every rank).
         relaying = self.relayed is not None and self.state is State.RUNNING
         if self.hang_timeout_s and relaying and not self.stacks_sent:
             idle += self._quiet_relayed(now, self.hang_timeout_s)
+        why = ""
+        if timeout_s and out and not idle and not self.stacks_sent:
+            idle = self._stuck_on_way_out(now, out, timeout_s)
+            why = " on its way out, every host's ranks done with their work"
         if idle and not self.stacks_sent:
             log.info(
-                "rank(s) %s made no progress for %.0f s (--hang-timeout): reading every "
+                "rank(s) %s made no progress for %.0f s%s (--hang-timeout): reading every "
                 "rank's stack on every host",
                 ", ".join(map(str, idle)),
                 self.hang_timeout_s,
+                why,
             )
             self.coordinator.request_stacks()
             self.verdict_at = now + hang.REPORT_WAIT_S
             self._on_stacks_requested()
+
+    def _mine_done(self) -> bool:
+        """Whether every rank of this host finished its work (true of none). Under MPI the
+        ranks are the watched ones (the worker is mpirun); a rank without a counter never
+        says it finished."""
+        if self.watched or self.relayed is not None:
+            return all(rs.finished_at is not None for rs in self.watched)
+        live = self._live()
+        return all(w.steps is not None and w.steps.finished_at is not None for w in live)
+
+    def _say_way_out(self, now: float) -> None:
+        """Once every rank of this host finished its work: say so job-wide, once (one store
+        write per host and attempt, never one per tick)."""
+        if self.way_out_said or not self._mine_done():
+            return
+        self.way_out_said = True
+        if self.coordinator.on_way_out() and self.job_out_at is None:
+            self.job_out_at = now  # this host was the last: the job's way out begins now
+
+    def _stuck_on_way_out(self, now: float, out: Sequence[int], timeout_s: float) -> list[int]:
+        """Of the ranks idle past the timeout since their work ended, those stuck on the way
+        out: every host's ranks are done too, and have been for the timeout. One store read
+        per tick, only while such a rank waits here and until every host is done."""
+        if self.job_out_at is None:
+            if not self.coordinator.all_on_way_out():
+                return []  # a slower rank still works: this one waits for it, as it should
+            self.job_out_at = now
+        return list(out) if now - self.job_out_at >= timeout_s else []
 
     def _publish_counted(self) -> None:
         """Under MPI: tell the master which of this host's ranks counted a step, when that
