@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import env, make_tree, run, write_script
 
 HANGS = """
@@ -167,6 +169,30 @@ def test_a_rank_done_first_waits_for_the_others_without_a_hang(tmp_path: Path) -
     assert r.returncode == 0, r.stderr
     assert "made no progress" not in r.stderr, r.stderr
     assert not (work / "algo-1" / "output" / "failure").exists()
+
+
+UNEVEN_END_MPI = """
+import os, time
+import smdist
+
+for _ in range(3 if os.environ["RANK"] == "0" else 40):  # rank 0's shard is the shorter
+    smdist.progress()
+    time.sleep(0.2)  # rank 1: 8 s, while rank 0's script ended and mpirun waits for rank 1
+"""
+
+
+@pytest.mark.mpi
+def test_under_mpi_a_rank_done_first_is_no_hang(tmp_path: Path) -> None:
+    script = write_script(tmp_path / "job.py", UNEVEN_END_MPI)
+    opt_ml = make_tree(tmp_path / "opt_ml")
+    r = run(
+        ["--opt-ml", str(opt_ml), "--backend", "mpi", "--nproc-per-host", "2",
+         "--hang-startup", "15", "--hang-timeout", "3", str(script)],
+        timeout=150,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "made no progress" not in r.stderr, r.stderr
+    assert (opt_ml / "output" / "success").is_file()
 
 
 HANG_AFTER_A_RANK_IS_DONE = """
