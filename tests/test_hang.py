@@ -150,10 +150,10 @@ import smdist
 
 @smdist.main
 def train(ctx):
-    for _ in range(3 if ctx.rank == 0 else 50):  # rank 0's shard is the shorter
+    for _ in range(3 if ctx.rank == 0 else 60):  # rank 0's shard is the shorter
         smdist.progress()  # not ctx.should_stop: its all-reduce needs every rank, each time
         if ctx.rank == 1:
-            time.sleep(0.2)  # a step: 10 s in all, while rank 0 waits at the end
+            time.sleep(0.2)  # a step: 12 s in all, while rank 0 waits at the end
 
 train()
 """
@@ -164,7 +164,8 @@ def test_a_rank_done_first_waits_for_the_others_without_a_hang(tmp_path: Path) -
     ended first waits at the end longer than --hang-timeout while the other counts steps."""
     script = write_script(tmp_path / "job.py", UNEVEN_END)
     work = tmp_path / "work"
-    args = ["--simulate", "2x1", "--work-dir", str(work), "--hang-timeout", str(TIMEOUT_S)]
+    # 6 s: rank 0 waits twice that; the way out, once both are done, has 6 s on a loaded machine
+    args = ["--simulate", "2x1", "--work-dir", str(work), "--hang-timeout", "6"]
     r = run([*args, str(script)], timeout=180)
     assert r.returncode == 0, r.stderr
     assert "made no progress" not in r.stderr, r.stderr
@@ -175,9 +176,9 @@ UNEVEN_END_MPI = """
 import os, time
 import smdist
 
-for _ in range(3 if os.environ["RANK"] == "0" else 40):  # rank 0's shard is the shorter
+for _ in range(3 if os.environ["RANK"] == "0" else 50):  # rank 0's shard is the shorter
     smdist.progress()
-    time.sleep(0.2)  # rank 1: 8 s, while rank 0's script ended and mpirun waits for rank 1
+    time.sleep(0.2)  # rank 1: 10 s, while rank 0's script ended and mpirun waits for rank 1
 """
 
 
@@ -187,7 +188,7 @@ def test_under_mpi_a_rank_done_first_is_no_hang(tmp_path: Path) -> None:
     opt_ml = make_tree(tmp_path / "opt_ml")
     r = run(
         ["--opt-ml", str(opt_ml), "--backend", "mpi", "--nproc-per-host", "2",
-         "--hang-startup", "15", "--hang-timeout", "3", str(script)],
+         "--hang-startup", "15", "--hang-timeout", "4", str(script)],
         timeout=150,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -234,6 +235,9 @@ def train(ctx):
     for _ in range(3):
         if ctx.should_stop:
             break
+    if ctx.rank == 0:
+        for _ in range(3):
+            smdist.progress()  # rank 0's is the longer shard: rank 1 has the fewer steps
     if ctx.rank == 1:
         threading.Thread(target=time.sleep, args=(3600,)).start()  # forgotten, not a daemon
 
